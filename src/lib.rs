@@ -1,0 +1,15 @@
+//! latd and latc: a daemon and client that drive the LAT SDK image builder
+//! through files in a shared channel directory.
+//!
+//! Code map:
+//! - [`protocol`]: file names, request/reply/status documents (pure);
+//! - [`machine`]: the daemon's logic as a pure state machine (no I/O, no clock);
+//! - [`diagram`]: the state diagram, generated from [`machine::rule`];
+//! - [`effects`]: performs what the machine asks: files, processes, signals;
+//! - [`channel`]: reads requests from the channel dir and writes replies;
+//! - [`daemon`]: the poll loop that ties them together (`latd`);
+//! - [`client`]: the client side (`latc`).
+
+pub mod diagram;
+pub mod machine;
+pub mod protocol;
