@@ -13,3 +13,11 @@
 pub mod diagram;
 pub mod machine;
 pub mod protocol;
+pub mod channel;
+pub mod clock;
+pub mod daemon;
+pub mod effects;
+pub mod fsutil;
+pub mod validate;
+pub mod cli;
+pub mod client;

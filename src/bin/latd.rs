@@ -1,1 +1,106 @@
-fn main(){}
+//! latd: the LAT container's entrypoint. Serves build requests that arrive
+//! as files in the channel directory. See `latd --help`.
+
+use argh::FromArgs;
+use latd::cli;
+use latd::daemon::{run, Settings};
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// latd: runs LAT SDK image builds for clients that talk to it through
+/// files in a shared channel directory (no sockets, no inotify: it polls,
+/// so the channel may be on NFS or overlayfs).
+///
+/// With no arguments it serves /localdisk/channel for the workspace
+/// /localdisk with the SDK in /opt/LAT/SDK, as the LAT container expects.
+/// Runs one build at a time; answers build, status, stop, logs, clean and
+/// getyaml. SIGTERM or SIGINT stops a running build (SIGTERM, then SIGKILL
+/// after the grace period) and exits 0.
+#[derive(FromArgs)]
+#[argh(
+    example = "latd                                   # as the container's entrypoint\n  latd --workspace /tmp/ws --sdk ./tests/sdk -d",
+    note = "Environment (a flag wins over its variable):\n  WORKSPACE_DIR     workspace root (default /localdisk)\n  LAT_CHANNEL_DIR   channel directory (default $WORKSPACE_DIR/channel)\n  LAT_SDK_DIR       LAT SDK directory (default /opt/LAT/SDK)\n  LATD_GRACE_SECS   seconds between SIGTERM and SIGKILL on stop (default 20)\n  LATD_POLL_MS      poll interval at rest (default 100)\n  RUST_LOG          log filter, e.g. debug (overridden by -d / -q)\n\nlatd logs to stderr. Requests are logged one line each to\n$LAT_CHANNEL_DIR/client_message_history (rotated at 1 MiB)."
+)]
+struct Args {
+    /// workspace root: every workdir and YAML must lie under it
+    #[argh(option, short = 'w')]
+    workspace: Option<PathBuf>,
+    /// channel directory shared with latc
+    #[argh(option, short = 'c')]
+    channel: Option<PathBuf>,
+    /// LAT SDK directory (holds environment-setup-corei7-64-wrs-linux)
+    #[argh(option)]
+    sdk: Option<PathBuf>,
+    /// seconds a stopped build gets between SIGTERM and SIGKILL (default 20)
+    #[argh(option)]
+    grace: Option<f64>,
+    /// poll interval at rest, in milliseconds (default 100)
+    #[argh(option)]
+    poll_ms: Option<f64>,
+    /// poll interval while a build runs or right after a request, in
+    /// milliseconds (default 4)
+    #[argh(option)]
+    busy_poll_ms: Option<f64>,
+    /// how many finished builds `latc history` keeps (default 50)
+    #[argh(option, default = "50")]
+    history: usize,
+    /// let <workspace>/hack/lat-genimage-cmd replace the build command (a
+    /// debugging aid; logs a warning each time it is used)
+    #[argh(switch)]
+    allow_hack_cmd: bool,
+    /// log debug messages
+    #[argh(switch, short = 'd')]
+    debug: bool,
+    /// log only warnings and errors
+    #[argh(switch, short = 'q')]
+    quiet: bool,
+    /// print the version and exit
+    #[argh(switch)]
+    version: bool,
+}
+
+fn main() {
+    let args: Args = cli::parse_args();
+    if args.version {
+        println!("latd {}", env!("CARGO_PKG_VERSION"));
+        return;
+    }
+    cli::init_logging(args.debug, args.quiet, log::LevelFilter::Info);
+    let settings = match settings(args) {
+        Ok(s) => s,
+        Err(e) => {
+            log::error!("{e}");
+            std::process::exit(2);
+        }
+    };
+    if let Err(e) = run(settings) {
+        log::error!("{e}");
+        std::process::exit(1);
+    }
+}
+
+fn settings(args: Args) -> Result<Settings, String> {
+    let workspace = cli::workspace(args.workspace);
+    let channel = cli::channel(args.channel, &workspace);
+    let sdk_dir = cli::path_setting(args.sdk, "LAT_SDK_DIR", || PathBuf::from(cli::DEFAULT_SDK));
+    let secs = |v: f64, what: &str| {
+        if v.is_finite() && v >= 0.0 {
+            Ok(Duration::from_secs_f64(v))
+        } else {
+            Err(format!("{what} must be a non-negative number of seconds"))
+        }
+    };
+    let grace = secs(cli::num_setting(args.grace, "LATD_GRACE_SECS", 20.0)?, "--grace")?;
+    let idle_poll = secs(cli::num_setting(args.poll_ms, "LATD_POLL_MS", 100.0)? / 1000.0, "--poll-ms")?;
+    let busy_poll = secs(args.busy_poll_ms.unwrap_or(4.0) / 1000.0, "--busy-poll-ms")?;
+    Ok(Settings {
+        workspace,
+        channel,
+        sdk_dir,
+        grace,
+        idle_poll: idle_poll.max(Duration::from_millis(1)),
+        busy_poll: busy_poll.max(Duration::from_micros(500)),
+        allow_hack_cmd: args.allow_hack_cmd,
+        history_cap: args.history.max(1),
+    })
+}

@@ -1,0 +1,382 @@
+//! The daemon's side of the channel directory: finds requests by listing
+//! the directory (never by stat-ing a fixed name, which NFS's negative
+//! lookup cache can hide for a minute), reads them safely, writes replies
+//! atomically and retries those that could not be written.
+
+use crate::fsutil::{self, Owner};
+use crate::protocol::{self, Invalid, RawRequest, Reply, StatusDoc};
+use std::collections::HashSet;
+use std::fs;
+use std::io::{self, Write};
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant, SystemTime};
+
+/// Where a reply goes.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Slot {
+    /// The original single slot: `s-2-c.msg` + `s-2-c.done`.
+    Legacy,
+    /// `rep-<id>.yaml` for a request `req-<id>.yaml`.
+    Named(String),
+}
+
+impl std::fmt::Display for Slot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Slot::Legacy => write!(f, "{}", protocol::LEGACY_REQUEST),
+            Slot::Named(id) => write!(f, "{}{id}{}", protocol::REQUEST_PREFIX, protocol::MESSAGE_SUFFIX),
+        }
+    }
+}
+
+/// A request found in the channel.
+#[derive(Debug)]
+pub struct Incoming {
+    pub slot: Slot,
+    /// The bytes as read (for the history file).
+    pub text: String,
+    pub parsed: Result<RawRequest, Invalid>,
+}
+
+/// Files older than this that nobody collected are removed.
+const STALE_AFTER: Duration = Duration::from_secs(600);
+/// The history file is rotated (one old copy kept) past this size.
+pub const HISTORY_CAP: u64 = 1 << 20;
+/// A reply that cannot be written is retried for this long.
+const REPLY_RETRY_FOR: Duration = Duration::from_secs(600);
+
+#[derive(Debug)]
+struct PendingReply {
+    slot: Slot,
+    text: String,
+    since: Instant,
+}
+
+/// Identity of a file, to notice one that was replaced.
+fn identity(md: &fs::Metadata) -> (u64, u64, i64, i64) {
+    (md.ino(), md.size(), md.mtime(), md.mtime_nsec())
+}
+
+pub struct Channel {
+    dir: PathBuf,
+    owner: Option<Owner>,
+    /// Requests we handled but could not remove (read-only channel): their
+    /// identity, so they are not handled twice.
+    handled: HashSet<(String, u64, i64, i64)>,
+    pending: Vec<PendingReply>,
+    history_size: Option<u64>,
+    broken: bool,
+}
+
+impl Channel {
+    pub fn new(dir: PathBuf) -> Channel {
+        Channel {
+            owner: Owner::of_dir_when_root(&dir),
+            dir,
+            handled: HashSet::new(),
+            pending: Vec::new(),
+            history_size: None,
+            broken: false,
+        }
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.join(name)
+    }
+
+    /// Creates the channel (and the wake-up FIFO) if missing. Cheap when
+    /// all is well; called every tick so a deleted channel comes back.
+    pub fn ensure(&mut self) -> io::Result<()> {
+        if !self.dir.is_dir() {
+            if !self.broken {
+                log::warn!("channel {} is missing; recreating it", self.dir.display());
+            }
+            fsutil::ensure_dir(&self.dir)?;
+            self.owner = Owner::of_dir_when_root(&self.dir);
+            self.history_size = None;
+        }
+        fsutil::ensure_fifo(&self.path(protocol::WAKE_FIFO), self.owner)
+    }
+
+    /// Start-up: remove what a previous daemon left that would mislead a
+    /// client. A complete request (`c-2-s.done`, `req-*`) is kept: it will
+    /// be answered.
+    pub fn clear_stale(&mut self) {
+        for name in [protocol::LEGACY_REPLY_DONE, protocol::LEGACY_REPLY] {
+            if let Err(e) = fsutil::remove_if_present(&self.path(name)) {
+                log::warn!("cannot remove stale {name}: {e}");
+            }
+        }
+        self.sweep(Duration::ZERO);
+    }
+
+    /// Removes our temporary files and uncollected replies older than `age`.
+    pub fn sweep(&mut self, age: Duration) {
+        let Ok(entries) = fs::read_dir(&self.dir) else {
+            return;
+        };
+        let now = SystemTime::now();
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let ours = (name.starts_with('.') && name.ends_with(".tmp"))
+                || (name.starts_with(protocol::REPLY_PREFIX) && name.ends_with(protocol::MESSAGE_SUFFIX));
+            if !ours {
+                continue;
+            }
+            let old = e
+                .metadata()
+                .and_then(|m| m.modified())
+                .ok()
+                .and_then(|t| now.duration_since(t).ok())
+                .is_some_and(|a| a >= age.max(if name.starts_with('.') { Duration::ZERO } else { STALE_AFTER }));
+            if old {
+                log::debug!("removing stale {name}");
+                let _ = fs::remove_file(e.path());
+            }
+        }
+    }
+
+    /// Lists the channel and reads every complete request in it.
+    pub fn scan(&mut self) -> io::Result<Vec<Incoming>> {
+        let mut legacy = false;
+        let mut named = Vec::new();
+        let entries = match fs::read_dir(&self.dir) {
+            Ok(e) => {
+                if self.broken {
+                    log::info!("channel {} is readable again", self.dir.display());
+                    self.broken = false;
+                }
+                e
+            }
+            Err(e) => {
+                if !self.broken {
+                    log::error!("cannot list channel {}: {e}", self.dir.display());
+                    self.broken = true;
+                }
+                return Err(e);
+            }
+        };
+        for e in entries.flatten() {
+            let name = e.file_name();
+            let Some(name) = name.to_str() else { continue };
+            if name == protocol::LEGACY_REQUEST_DONE {
+                legacy = true;
+            } else if let Some(id) = name
+                .strip_prefix(protocol::REQUEST_PREFIX)
+                .and_then(|r| r.strip_suffix(protocol::MESSAGE_SUFFIX))
+            {
+                named.push(id.to_string());
+            }
+        }
+        let mut out = Vec::new();
+        if legacy {
+            if let Some(i) = self.read_legacy() {
+                out.push(i);
+            }
+        }
+        named.sort();
+        for id in named {
+            if let Some(i) = self.read_named(id) {
+                out.push(i);
+            }
+        }
+        Ok(out)
+    }
+
+    fn read_legacy(&mut self) -> Option<Incoming> {
+        let done = self.path(protocol::LEGACY_REQUEST_DONE);
+        let done_md = fs::symlink_metadata(&done).ok()?;
+        let key = (protocol::LEGACY_REQUEST_DONE.to_string(), done_md.ino(), done_md.mtime(), done_md.mtime_nsec());
+        if self.handled.contains(&key) {
+            return None;
+        }
+        let msg = self.path(protocol::LEGACY_REQUEST);
+        let (text, parsed) = read_request(&msg, protocol::LEGACY_REQUEST, protocol::LEGACY_REQUEST_DONE);
+        match fs::remove_file(&done) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => {
+                log::error!("cannot remove {}: {e}; the channel must be writable", done.display());
+                self.handled.insert(key);
+            }
+        }
+        Some(Incoming {
+            slot: Slot::Legacy,
+            text,
+            parsed,
+        })
+    }
+
+    fn read_named(&mut self, id: String) -> Option<Incoming> {
+        let name = format!("{}{id}{}", protocol::REQUEST_PREFIX, protocol::MESSAGE_SUFFIX);
+        let path = self.path(&name);
+        let md = fs::symlink_metadata(&path).ok()?;
+        let key = (name.clone(), md.ino(), md.mtime(), md.mtime_nsec());
+        if self.handled.contains(&key) {
+            return None;
+        }
+        if !protocol::valid_request_id(&id) {
+            // Cannot be answered (no safe reply name): remove it and say why.
+            log::error!("ignoring {name}: request ids are 1-{} characters of A-Z a-z 0-9 . _ -", protocol::MAX_REQUEST_ID);
+            if fs::remove_file(&path).is_err() {
+                self.handled.insert(key);
+            }
+            return None;
+        }
+        let (text, parsed) = read_request(&path, &name, &name);
+        if let Err(e) = fsutil::remove_if_present(&path) {
+            log::error!("cannot remove {}: {e}; the channel must be writable", path.display());
+            self.handled.insert(key);
+        }
+        Some(Incoming {
+            slot: Slot::Named(id),
+            text,
+            parsed,
+        })
+    }
+
+    /// Writes a reply; one that cannot be written now is retried later.
+    pub fn reply(&mut self, slot: Slot, reply: &Reply) {
+        let text = reply.render();
+        if let Err(e) = self.write_reply(&slot, &text) {
+            log::error!("cannot write the reply to {slot} in {}: {e}; will retry", self.dir.display());
+            self.pending.push(PendingReply {
+                slot,
+                text,
+                since: Instant::now(),
+            });
+        }
+    }
+
+    fn write_reply(&self, slot: &Slot, text: &str) -> io::Result<()> {
+        match slot {
+            Slot::Legacy => {
+                fsutil::write_atomic(&self.dir, protocol::LEGACY_REPLY, text.as_bytes(), 0o644, self.owner, false)?;
+                fsutil::write_atomic(&self.dir, protocol::LEGACY_REPLY_DONE, b"", 0o644, self.owner, false)
+            }
+            Slot::Named(id) => {
+                let name = format!("{}{id}{}", protocol::REPLY_PREFIX, protocol::MESSAGE_SUFFIX);
+                fsutil::write_atomic(&self.dir, &name, text.as_bytes(), 0o644, self.owner, false)
+            }
+        }
+    }
+
+    /// Retries replies that could not be written; gives up on one only
+    /// after a long time, loudly.
+    pub fn retry_pending(&mut self) {
+        if self.pending.is_empty() {
+            return;
+        }
+        let pending = std::mem::take(&mut self.pending);
+        for p in pending {
+            match self.write_reply(&p.slot, &p.text) {
+                Ok(()) => log::info!("reply to {} written after a retry", p.slot),
+                Err(e) if p.since.elapsed() > REPLY_RETRY_FOR => {
+                    log::error!("giving up on the reply to {} after {:?}: {e}", p.slot, REPLY_RETRY_FOR)
+                }
+                Err(_) => self.pending.push(p),
+            }
+        }
+    }
+
+    pub fn has_pending(&self) -> bool {
+        !self.pending.is_empty()
+    }
+
+    /// Creates or removes the `invalid_message` marker.
+    pub fn mark_invalid(&self, invalid: bool) {
+        let path = self.path(protocol::INVALID_MARKER);
+        let r = if invalid {
+            fsutil::write_atomic(&self.dir, protocol::INVALID_MARKER, b"", 0o644, self.owner, false)
+        } else {
+            fsutil::remove_if_present(&path)
+        };
+        if let Err(e) = r {
+            log::warn!("cannot update {}: {e}", path.display());
+        }
+    }
+
+    pub fn write_status(&self, doc: &StatusDoc) {
+        let text = serde_yaml::to_string(doc).unwrap_or_default();
+        if let Err(e) = fsutil::write_atomic(&self.dir, protocol::STATUS_FILE, text.as_bytes(), 0o644, self.owner, false) {
+            log::error!("cannot write {}: {e}", self.path(protocol::STATUS_FILE).display());
+        }
+    }
+
+    /// Appends one line per request to the history, rotating it past
+    /// [`HISTORY_CAP`] so it never grows without bound.
+    pub fn record_history(&mut self, now_iso: &str, slot: &Slot, text: &str) {
+        let path = self.path(protocol::HISTORY_FILE);
+        let mut shown: String = text.chars().take(4096).collect();
+        if shown.len() < text.len() {
+            shown.push_str("...");
+        }
+        let line = format!("{now_iso} {slot} {}\n", serde_json::Value::String(shown));
+        let size = *self
+            .history_size
+            .get_or_insert_with(|| fs::metadata(&path).map(|m| m.len()).unwrap_or(0));
+        if size + line.len() as u64 > HISTORY_CAP {
+            let _ = fs::rename(&path, self.path(&format!("{}.1", protocol::HISTORY_FILE)));
+            self.history_size = Some(0);
+        }
+        match fsutil::open_append(&path, 0o644).and_then(|mut f| f.write_all(line.as_bytes())) {
+            Ok(()) => *self.history_size.get_or_insert(0) += line.len() as u64,
+            Err(e) => {
+                self.history_size = None;
+                log::warn!("cannot append to {}: {e}", path.display());
+            }
+        }
+    }
+}
+
+/// Reads one request file. `done_name` is the marker that announced it.
+fn read_request(path: &Path, name: &str, done_name: &str) -> (String, Result<RawRequest, Invalid>) {
+    let before = fs::symlink_metadata(path);
+    let read = fsutil::read_capped(path, protocol::MAX_MESSAGE_BYTES);
+    let (bytes, too_long, md) = match read {
+        Ok(r) => r,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            return (
+                String::new(),
+                Err(Invalid::new(
+                    None,
+                    format!("{done_name} exists but {name} does not; write the request to {name} before creating {done_name}"),
+                )),
+            )
+        }
+        Err(e) => {
+            return (
+                String::new(),
+                Err(Invalid::new(None, format!("cannot read {name}: {e}; it must be a regular, readable file"))),
+            )
+        }
+    };
+    let text = String::from_utf8_lossy(&bytes).into_owned();
+    if too_long {
+        return (
+            text,
+            Err(Invalid::new(
+                None,
+                format!("{name} is larger than {} bytes; a request is a small YAML mapping", protocol::MAX_MESSAGE_BYTES),
+            )),
+        );
+    }
+    let after = fs::symlink_metadata(path);
+    let same = matches!((&before, &after), (Ok(b), Ok(a)) if identity(b) == identity(&md) && identity(a) == identity(&md));
+    if !same {
+        return (
+            text,
+            Err(Invalid::new(
+                None,
+                format!("{name} changed while it was being read; write it completely (ideally to a temporary name, then rename) before creating {done_name}"),
+            )),
+        );
+    }
+    let parsed = protocol::parse_request(&bytes);
+    (text, parsed)
+}

@@ -1,0 +1,124 @@
+//! What both binaries share on the command line: `--flag=value` splitting
+//! (argh only takes `--flag value`), logging set-up, environment defaults.
+
+use std::path::PathBuf;
+
+/// Default workspace (`WORKSPACE_DIR` overrides).
+pub const DEFAULT_WORKSPACE: &str = "/localdisk";
+/// Default SDK location (`LAT_SDK_DIR` overrides).
+pub const DEFAULT_SDK: &str = "/opt/LAT/SDK";
+
+/// Turns `--file=/x` into `--file /x` so that the deployed caller's
+/// `latc --file=/localdisk/lat.yaml build` parses.
+pub fn split_equals(args: impl IntoIterator<Item = String>) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut rest_literal = false;
+    for a in args {
+        if rest_literal {
+            out.push(a);
+            continue;
+        }
+        if a == "--" {
+            rest_literal = true;
+            out.push(a);
+            continue;
+        }
+        match a.strip_prefix("--").and_then(|r| r.split_once('=')) {
+            Some((name, value)) if !name.is_empty() => {
+                out.push(format!("--{name}"));
+                out.push(value.to_string());
+            }
+            _ => out.push(a),
+        }
+    }
+    out
+}
+
+/// Parses `T` from the process's arguments, with `--x=y` support; prints
+/// help or the error and exits like argh does.
+pub fn parse_args<T: argh::FromArgs>() -> T {
+    let args = split_equals(std::env::args());
+    let cmd = args
+        .first()
+        .map(|c| {
+            std::path::Path::new(c)
+                .file_name()
+                .map_or(c.clone(), |f| f.to_string_lossy().into_owned())
+        })
+        .unwrap_or_default();
+    let rest: Vec<&str> = args.iter().skip(1).map(String::as_str).collect();
+    match T::from_args(&[&cmd], &rest) {
+        Ok(t) => t,
+        Err(early) => match early.status {
+            Ok(()) => {
+                println!("{}", early.output);
+                std::process::exit(0);
+            }
+            Err(()) => {
+                eprintln!("{}\nRun {cmd} --help for more information.", early.output.trim_end());
+                std::process::exit(crate::client::EXIT_USAGE);
+            }
+        },
+    }
+}
+
+/// Logging to stderr: info by default, `RUST_LOG` if set, `-d`/`-q` win.
+pub fn init_logging(debug: bool, quiet: bool, default: log::LevelFilter) {
+    let mut b = env_logger::Builder::new();
+    b.filter_level(default);
+    if let Ok(spec) = std::env::var("RUST_LOG") {
+        b.parse_filters(&spec);
+    }
+    if debug {
+        b.filter_level(log::LevelFilter::Debug);
+    } else if quiet {
+        b.filter_level(log::LevelFilter::Warn);
+    }
+    b.format_target(false).init();
+}
+
+/// `flag`, else the environment variable `var`, else `default`.
+pub fn path_setting(flag: Option<PathBuf>, var: &str, default: impl FnOnce() -> PathBuf) -> PathBuf {
+    flag.or_else(|| std::env::var_os(var).filter(|v| !v.is_empty()).map(PathBuf::from))
+        .unwrap_or_else(default)
+}
+
+/// `flag`, else a number in `var`, else `default`.
+pub fn num_setting(flag: Option<f64>, var: &str, default: f64) -> Result<f64, String> {
+    if let Some(v) = flag {
+        return Ok(v);
+    }
+    match std::env::var(var) {
+        Ok(v) if !v.is_empty() => v
+            .parse()
+            .map_err(|_| format!("{var}={v} is not a number")),
+        _ => Ok(default),
+    }
+}
+
+/// The workspace both sides agree on.
+pub fn workspace(flag: Option<PathBuf>) -> PathBuf {
+    path_setting(flag, "WORKSPACE_DIR", || PathBuf::from(DEFAULT_WORKSPACE))
+}
+
+/// The channel: `--channel`, `LAT_CHANNEL_DIR`, or `<workspace>/channel`.
+pub fn channel(flag: Option<PathBuf>, workspace: &std::path::Path) -> PathBuf {
+    path_setting(flag, "LAT_CHANNEL_DIR", || workspace.join("channel"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn splits_equals() {
+        let v = |s: &[&str]| s.iter().map(|x| x.to_string()).collect::<Vec<_>>();
+        assert_eq!(
+            split_equals(v(&["latc", "--file=/localdisk/lat.yaml", "build"])),
+            v(&["latc", "--file", "/localdisk/lat.yaml", "build"])
+        );
+        assert_eq!(split_equals(v(&["latc", "--file=a=b"])), v(&["latc", "--file", "a=b"]));
+        assert_eq!(split_equals(v(&["x", "--", "--a=b"])), v(&["x", "--", "--a=b"]));
+        assert_eq!(split_equals(v(&["x", "-d", "status"])), v(&["x", "-d", "status"]));
+    }
+}

@@ -1,0 +1,317 @@
+//! The client side of the channel: sends a request as `req-<id>.yaml`
+//! (atomically, by rename), pokes the daemon's FIFO, and waits for
+//! `rep-<id>.yaml`. Each request has its own files, so any number of
+//! clients can talk to the daemon at once.
+
+use crate::fsutil;
+use crate::machine::{BuildRecord, Outcome, Persisted};
+use crate::protocol::{self, Action, Reply, StatusDoc};
+use std::fs;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant, SystemTime};
+
+/// latc's exit codes (see the README's table).
+pub const EXIT_OK: i32 = 0;
+/// The daemon refused the request, or the build failed.
+pub const EXIT_FAILED: i32 = 1;
+/// The command line was wrong.
+pub const EXIT_USAGE: i32 = 2;
+/// No daemon answered: not running, not alive, or the timeout passed.
+pub const EXIT_UNREACHABLE: i32 = 3;
+/// The build was stopped before it ended on its own.
+pub const EXIT_STOPPED: i32 = 4;
+/// Ctrl-C: latc detached; the build goes on.
+pub const EXIT_DETACHED: i32 = 130;
+
+/// A heartbeat older than this means the daemon is gone.
+pub const HEARTBEAT_STALE: Duration = Duration::from_secs(10);
+
+/// Why a request got no reply.
+#[derive(Debug)]
+pub enum ClientError {
+    /// No live daemon, or no reply in time.
+    Unreachable(String),
+    /// We could not write or read the channel.
+    Io(String),
+}
+
+impl ClientError {
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            ClientError::Unreachable(_) => EXIT_UNREACHABLE,
+            ClientError::Io(_) => EXIT_FAILED,
+        }
+    }
+}
+
+impl std::fmt::Display for ClientError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ClientError::Unreachable(m) | ClientError::Io(m) => f.write_str(m),
+        }
+    }
+}
+
+pub struct Client {
+    pub channel: PathBuf,
+    pub workspace: PathBuf,
+    pub timeout: Duration,
+}
+
+static REQUEST_COUNTER: AtomicU64 = AtomicU64::new(0);
+
+fn request_id() -> String {
+    let host: String = fs::read_to_string("/proc/sys/kernel/hostname")
+        .unwrap_or_default()
+        .trim()
+        .chars()
+        .filter(|c| c.is_ascii_alphanumeric() || *c == '-')
+        .take(32)
+        .collect();
+    let nanos = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    let n = REQUEST_COUNTER.fetch_add(1, Ordering::Relaxed);
+    format!("{host}-{}-{nanos:x}-{n}", std::process::id())
+}
+
+impl Client {
+    fn hint(&self) -> String {
+        format!(
+            "check that the LAT container (latd) is running and that latd and latc use the same channel directory (latc uses {}; set it with --channel, LAT_CHANNEL_DIR or WORKSPACE_DIR)",
+            self.channel.display()
+        )
+    }
+
+    /// Is a daemon alive on this channel? Fast: one stat.
+    pub fn check_alive(&self) -> Result<(), ClientError> {
+        let alive = self.channel.join(protocol::ALIVE_FILE);
+        match fs::metadata(&alive) {
+            Ok(md) => {
+                let age = md
+                    .modified()
+                    .ok()
+                    .and_then(|m| SystemTime::now().duration_since(m).ok())
+                    .unwrap_or(Duration::ZERO);
+                if age > HEARTBEAT_STALE {
+                    Err(ClientError::Unreachable(format!(
+                        "latd is not responding: its heartbeat {} is {}s old; it has probably died. {}",
+                        alive.display(),
+                        age.as_secs(),
+                        self.hint()
+                    )))
+                } else {
+                    Ok(())
+                }
+            }
+            Err(_) if !self.channel.is_dir() => Err(ClientError::Unreachable(format!(
+                "no latd is running: the channel directory {} does not exist; {}",
+                self.channel.display(),
+                self.hint()
+            ))),
+            Err(_) => Err(ClientError::Unreachable(format!(
+                "no latd is running: {} does not exist; {}",
+                alive.display(),
+                self.hint()
+            ))),
+        }
+    }
+
+    /// Sends a request and waits for its reply.
+    pub fn request(&self, action: Action, yaml_file: Option<&Path>) -> Result<Reply, ClientError> {
+        self.request_with(action, yaml_file, self.timeout)
+    }
+
+    pub fn request_with(
+        &self,
+        action: Action,
+        yaml_file: Option<&Path>,
+        timeout: Duration,
+    ) -> Result<Reply, ClientError> {
+        self.check_alive()?;
+        let id = request_id();
+        let text = protocol::render_request(
+            action,
+            &self.workspace.to_string_lossy(),
+            yaml_file.map(|y| y.to_string_lossy()).as_deref(),
+        );
+        let req_name = format!("{}{id}{}", protocol::REQUEST_PREFIX, protocol::MESSAGE_SUFFIX);
+        let rep_name = format!("{}{id}{}", protocol::REPLY_PREFIX, protocol::MESSAGE_SUFFIX);
+        fsutil::write_atomic(&self.channel, &req_name, text.as_bytes(), 0o644, None, false).map_err(
+            |e| {
+                ClientError::Io(format!(
+                    "cannot write the request into {}: {e}; the channel must be writable by you",
+                    self.channel.display()
+                ))
+            },
+        )?;
+        log::debug!("sent {req_name}");
+        fsutil::poke(&self.channel.join(protocol::WAKE_FIFO));
+        let rep_path = self.channel.join(&rep_name);
+        let start = Instant::now();
+        let mut last_listing = start;
+        let mut last_alive = start;
+        let mut pause = Duration::from_micros(100);
+        loop {
+            match fs::read(&rep_path) {
+                Ok(bytes) => {
+                    let _ = fs::remove_file(&rep_path);
+                    return Reply::parse(&bytes).map_err(ClientError::Io);
+                }
+                Err(e) if e.kind() != io::ErrorKind::NotFound => {
+                    return Err(ClientError::Io(format!("cannot read {}: {e}", rep_path.display())))
+                }
+                Err(_) => {}
+            }
+            let waited = start.elapsed();
+            if waited >= timeout {
+                // Withdraw the request if latd has not taken it yet.
+                let _ = fs::remove_file(self.channel.join(&req_name));
+                return Err(ClientError::Unreachable(format!(
+                    "no reply from latd within {:.1}s (raise it with --timeout); {}",
+                    timeout.as_secs_f64(),
+                    self.hint()
+                )));
+            }
+            // On NFS a name looked up while missing can stay "missing" in
+            // the client's cache; a fresh directory listing revalidates it.
+            if last_listing.elapsed() >= Duration::from_millis(200) {
+                last_listing = Instant::now();
+                let _ = fs::read_dir(&self.channel).map(|d| d.count());
+            }
+            if last_alive.elapsed() >= Duration::from_secs(2) {
+                last_alive = Instant::now();
+                self.check_alive()?;
+            }
+            std::thread::sleep(pause);
+            // Fast at first (the daemon usually answers within a ms), then
+            // gentler so a long wait costs little.
+            if waited > Duration::from_millis(20) {
+                pause = (pause * 2).min(Duration::from_millis(20));
+            }
+        }
+    }
+
+    /// Asks for status and reads the status document the reply names.
+    pub fn status(&self) -> Result<(Reply, Option<(PathBuf, String)>), ClientError> {
+        let reply = self.request(Action::Status, None)?;
+        let doc = self.read_reply_file(reply.status_file.as_deref(), protocol::STATUS_FILE);
+        Ok((reply, doc))
+    }
+
+    /// Reads a file a reply points to; the daemon's path first, then the
+    /// same name in our channel (the volume may be mounted elsewhere here).
+    pub fn read_reply_file(&self, path: Option<&Path>, fallback: &str) -> Option<(PathBuf, String)> {
+        let candidates = path
+            .into_iter()
+            .map(Path::to_path_buf)
+            .chain(std::iter::once(self.channel.join(fallback)));
+        for p in candidates {
+            if let Ok(text) = fs::read_to_string(&p) {
+                return Some((p, text));
+            }
+        }
+        None
+    }
+
+    /// The status document as data.
+    pub fn status_doc(&self) -> Result<StatusDoc, ClientError> {
+        let (_, doc) = self.status()?;
+        let (path, text) = doc.ok_or_else(|| {
+            ClientError::Io(format!(
+                "latd answered but its status file is unreadable in {}",
+                self.channel.display()
+            ))
+        })?;
+        serde_yaml::from_str(&text)
+            .map_err(|e| ClientError::Io(format!("{} is not a status document: {e}", path.display())))
+    }
+
+    /// Finished builds, oldest first, from the daemon's persisted state.
+    /// Works without a running daemon.
+    pub fn history(&self) -> Result<Vec<BuildRecord>, ClientError> {
+        let path = self.channel.join(protocol::STATE_FILE);
+        let bytes = fs::read(&path)
+            .map_err(|e| ClientError::Io(format!("cannot read {}: {e}; has latd ever run on this channel?", path.display())))?;
+        let p: Persisted = serde_json::from_slice(&bytes)
+            .map_err(|e| ClientError::Io(format!("{} is unreadable: {e}", path.display())))?;
+        let mut all = p.history;
+        all.extend(p.current);
+        Ok(all)
+    }
+}
+
+/// latc's exit code for a build that ended.
+pub fn exit_code_for(outcome: Outcome) -> i32 {
+    match outcome {
+        Outcome::Succeeded => EXIT_OK,
+        Outcome::Failed => EXIT_FAILED,
+        Outcome::Stopped => EXIT_STOPPED,
+        Outcome::Running => EXIT_FAILED,
+    }
+}
+
+/// Follows a log file like `tail -f`, coping with it being replaced (a new
+/// build renames the old log away and starts a fresh one).
+pub struct LogFollower {
+    path: PathBuf,
+    file: Option<fs::File>,
+    ino: u64,
+    pos: u64,
+    partial: Vec<u8>,
+}
+
+impl LogFollower {
+    pub fn new(path: PathBuf) -> LogFollower {
+        LogFollower {
+            path,
+            file: None,
+            ino: 0,
+            pos: 0,
+            partial: Vec::new(),
+        }
+    }
+
+    /// Returns the complete lines written since the last call. With
+    /// `flush`, also a last line that has no newline yet.
+    pub fn poll(&mut self, flush: bool) -> Vec<String> {
+        use std::io::{Read, Seek, SeekFrom};
+        use std::os::unix::fs::MetadataExt;
+        let md = fs::metadata(&self.path).ok();
+        let replaced = match (&md, &self.file) {
+            (Some(md), Some(_)) => md.ino() != self.ino || md.len() < self.pos,
+            (Some(_), None) => true,
+            (None, _) => false,
+        };
+        if replaced {
+            if let Ok(f) = fs::File::open(&self.path) {
+                self.ino = f.metadata().map(|m| m.ino()).unwrap_or(0);
+                self.file = Some(f);
+                self.pos = 0;
+                self.partial.clear();
+            }
+        }
+        let mut lines = Vec::new();
+        if let Some(f) = self.file.as_mut() {
+            if f.seek(SeekFrom::Start(self.pos)).is_ok() {
+                let mut buf = Vec::new();
+                if let Ok(n) = f.read_to_end(&mut buf) {
+                    self.pos += n as u64;
+                    self.partial.extend_from_slice(&buf);
+                }
+            }
+        }
+        while let Some(i) = self.partial.iter().position(|&b| b == b'\n') {
+            let line: Vec<u8> = self.partial.drain(..=i).collect();
+            lines.push(String::from_utf8_lossy(&line[..line.len() - 1]).into_owned());
+        }
+        if flush && !self.partial.is_empty() {
+            lines.push(String::from_utf8_lossy(&self.partial).into_owned());
+            self.partial.clear();
+        }
+        lines
+    }
+}

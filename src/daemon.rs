@@ -1,0 +1,476 @@
+//! The poll loop: looks at signals, child processes and the channel
+//! directory, turns what it sees into [`Event`]s, feeds the [`Machine`] and
+//! performs the [`Effect`]s it returns. No inotify: the channel may be on
+//! NFS or overlayfs. A named pipe in the channel lets a local client wake
+//! the loop at once; the directory listing stays the source of truth.
+
+use crate::channel::{Channel, Slot};
+use crate::clock::{iso8601, Clock};
+use crate::effects::{self, Processes, SdkConfig};
+use crate::machine::{self, Effect, Event, Machine, ReqId, StateKind};
+use crate::protocol;
+use std::collections::{HashMap, VecDeque};
+use std::fs;
+use std::io::{self, Read};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Arc};
+use std::time::{Duration, Instant};
+
+/// How the daemon is set up (flags and environment, see `latd --help`).
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub workspace: PathBuf,
+    pub channel: PathBuf,
+    pub sdk_dir: PathBuf,
+    /// Between SIGTERM and SIGKILL when stopping a build.
+    pub grace: Duration,
+    /// Poll interval at rest.
+    pub idle_poll: Duration,
+    /// Poll interval while something runs, or just after a request.
+    pub busy_poll: Duration,
+    pub allow_hack_cmd: bool,
+    pub history_cap: usize,
+}
+
+/// How often the heartbeat file's mtime is refreshed.
+pub const HEARTBEAT_EVERY: Duration = Duration::from_secs(2);
+/// After a request, poll fast for this long (the next one often follows).
+const BUSY_AFTER_ACTIVITY: Duration = Duration::from_secs(2);
+/// How often stale files are swept from the channel.
+const SWEEP_EVERY: Duration = Duration::from_secs(60);
+
+impl Settings {
+    pub fn env_script(&self) -> PathBuf {
+        self.sdk_dir.join("environment-setup-corei7-64-wrs-linux")
+    }
+}
+
+/// The daemon's wake-up sources: signals (via a self-pipe) and the FIFO.
+struct Wakeup {
+    signal_rx: UnixStream,
+    signal_tx: UnixStream,
+    fifo: Option<fs::File>,
+    shutdown: Arc<AtomicBool>,
+}
+
+impl Wakeup {
+    fn new() -> io::Result<Wakeup> {
+        let (rx, tx) = UnixStream::pair()?;
+        rx.set_nonblocking(true)?;
+        tx.set_nonblocking(true)?;
+        let shutdown = Arc::new(AtomicBool::new(false));
+        for sig in [libc::SIGTERM, libc::SIGINT] {
+            signal_hook::flag::register(sig, Arc::clone(&shutdown))?;
+        }
+        for sig in [libc::SIGTERM, libc::SIGINT, libc::SIGCHLD] {
+            signal_hook::low_level::pipe::register(sig, tx.try_clone()?)?;
+        }
+        Ok(Wakeup {
+            signal_rx: rx,
+            signal_tx: tx,
+            fifo: None,
+            shutdown,
+        })
+    }
+
+    /// (Re)opens the FIFO read-write so it never reports end-of-file.
+    fn open_fifo(&mut self, path: &Path) {
+        self.fifo = fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(path)
+            .map_err(|e| log::warn!("cannot open {}: {e}; polling only", path.display()))
+            .ok();
+    }
+
+    /// Sleeps until a wake-up or `timeout`, then drains what woke us.
+    fn wait(&mut self, timeout: Duration) {
+        let mut fds = vec![libc::pollfd {
+            fd: self.signal_rx.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        }];
+        if let Some(f) = &self.fifo {
+            fds.push(libc::pollfd {
+                fd: f.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            });
+        }
+        let ms = timeout.as_millis().min(i32::MAX as u128) as i32;
+        // SAFETY: fds is a valid array of fds.len() pollfd structs.
+        unsafe {
+            libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, ms);
+        }
+        let mut buf = [0u8; 256];
+        while matches!((&self.signal_rx).read(&mut buf), Ok(n) if n > 0) {}
+        if let Some(mut f) = self.fifo.as_ref() {
+            while matches!(f.read(&mut buf), Ok(n) if n > 0) {}
+        }
+    }
+
+    /// A handle background threads use to wake the loop.
+    fn waker(&self) -> Arc<dyn Fn() + Send + Sync> {
+        let tx = self.signal_tx.try_clone().ok();
+        Arc::new(move || {
+            if let Some(tx) = &tx {
+                use std::io::Write;
+                let _ = (&*tx).write(b"w");
+            }
+        })
+    }
+}
+
+/// Refuses to start when another daemon serves the channel.
+fn lock_channel(channel: &Path) -> Result<fs::File, String> {
+    let path = channel.join(protocol::LOCK_FILE);
+    let f = fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .mode(0o644)
+        .open(&path)
+        .map_err(|e| format!("cannot open {}: {e}", path.display()))?;
+    // SAFETY: flock on a valid fd.
+    if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        return Err(format!(
+            "another latd already serves the channel {} (it holds {})",
+            channel.display(),
+            path.display()
+        ));
+    }
+    Ok(f)
+}
+
+/// The running daemon: the machine and everything that performs its effects.
+struct Daemon {
+    settings: Settings,
+    /// The canonical workspace root that requests' paths must lie in.
+    root: PathBuf,
+    clock: Clock,
+    machine: Machine,
+    channel: Channel,
+    procs: Processes,
+    sdk: SdkConfig,
+    slots: HashMap<ReqId, Slot>,
+    next_req: u64,
+    jobs_tx: mpsc::Sender<Event>,
+    jobs_rx: mpsc::Receiver<Event>,
+    /// Wakes the loop from a background thread.
+    waker: Arc<dyn Fn() + Send + Sync>,
+    last_activity: Instant,
+    last_heartbeat: Option<Instant>,
+    last_sweep: Instant,
+}
+
+/// Runs the daemon until SIGTERM/SIGINT. Returns an error only when it
+/// cannot start at all.
+pub fn run(settings: Settings) -> Result<(), String> {
+    // SAFETY: umask has no memory effects.
+    unsafe {
+        libc::umask(0o022);
+    }
+    crate::fsutil::ensure_dir(&settings.workspace)
+        .map_err(|e| format!("cannot create workspace {}: {e}", settings.workspace.display()))?;
+    let root = settings
+        .workspace
+        .canonicalize()
+        .map_err(|e| format!("workspace {}: {e}", settings.workspace.display()))?;
+    let mut channel = Channel::new(settings.channel.clone());
+    channel
+        .ensure()
+        .map_err(|e| format!("cannot set up channel {}: {e}", settings.channel.display()))?;
+    let _lock = lock_channel(&settings.channel)?;
+    Processes::become_subreaper();
+    let mut wakeup = Wakeup::new().map_err(|e| format!("cannot set up signal handling: {e}"))?;
+    wakeup.open_fifo(&channel.path(protocol::WAKE_FIFO));
+    if !settings.env_script().is_file() {
+        log::warn!(
+            "SDK environment script {} not found: builds and getyaml will fail until it exists",
+            settings.env_script().display()
+        );
+    }
+    if settings.allow_hack_cmd {
+        log::warn!(
+            "--allow-hack-cmd: {} will replace the build command when present",
+            settings.workspace.join("hack/lat-genimage-cmd").display()
+        );
+    }
+
+    let clock = Clock::new();
+    let now = clock.now();
+    let state_path = channel.path(protocol::STATE_FILE);
+    let persisted = effects::load_state(&state_path);
+    let interrupted = match persisted.current.as_ref() {
+        Some(b) => {
+            let what = b
+                .process
+                .as_ref()
+                .map(effects::kill_leftover_build)
+                .unwrap_or_else(|| "it had not started".into());
+            log::warn!("build {} was running when latd stopped; {what}", b.id);
+            format!("interrupted: latd was restarted while this build ran; {what}")
+        }
+        None => String::new(),
+    };
+    channel.clear_stale();
+    let config = machine::Config {
+        grace_ms: settings.grace.as_millis() as u64,
+        status_file: channel.path(protocol::STATUS_FILE),
+        history_cap: settings.history_cap,
+        pid: std::process::id(),
+        version: env!("CARGO_PKG_VERSION").to_string(),
+        started_at: now,
+    };
+    let machine = Machine::new(config, persisted, now, &interrupted);
+    let (jobs_tx, jobs_rx) = mpsc::channel();
+    let mut d = Daemon {
+        sdk: SdkConfig {
+            env_script: settings.env_script(),
+            hack_cmd: settings
+                .allow_hack_cmd
+                .then(|| settings.workspace.join("hack/lat-genimage-cmd")),
+        },
+        settings,
+        root,
+        clock,
+        machine,
+        channel,
+        procs: Processes::default(),
+        slots: HashMap::new(),
+        next_req: 1,
+        jobs_tx,
+        jobs_rx,
+        waker: wakeup.waker(),
+        last_activity: Instant::now(),
+        last_heartbeat: None,
+        last_sweep: Instant::now(),
+    };
+    // Record the recovered state before answering anything.
+    d.perform_all(vec![
+        Effect::Persist(d.machine.persisted()),
+        Effect::WriteStatus(d.machine.status(now)),
+    ]);
+    log::info!(
+        "latd {} serving channel {} (workspace {}, SDK {})",
+        env!("CARGO_PKG_VERSION"),
+        d.settings.channel.display(),
+        d.settings.workspace.display(),
+        d.settings.sdk_dir.display()
+    );
+    let mut shutdown_sent = false;
+    loop {
+        d.tick(&mut wakeup, &mut shutdown_sent);
+        if d.machine.has_exited() && !d.channel.has_pending() {
+            break;
+        }
+        if d.machine.has_exited() && d.last_activity.elapsed() > Duration::from_secs(2) {
+            log::error!("exiting with replies that could not be written");
+            break;
+        }
+        let timeout = d.next_timeout();
+        wakeup.wait(timeout);
+    }
+    let _ = fs::remove_file(d.channel.path(protocol::ALIVE_FILE));
+    log::info!("latd exiting");
+    Ok(())
+}
+
+impl Daemon {
+    fn tick(&mut self, wakeup: &mut Wakeup, shutdown_sent: &mut bool) {
+        if self.channel.ensure().is_ok() && wakeup.fifo.is_none() {
+            wakeup.open_fifo(&self.channel.path(protocol::WAKE_FIFO));
+        }
+        if wakeup.shutdown.load(Ordering::Relaxed) && !*shutdown_sent {
+            *shutdown_sent = true;
+            log::info!("asked to exit: stopping what runs, then exiting");
+            self.feed(Event::Shutdown);
+        }
+        for e in self.procs.reap() {
+            self.feed(e);
+        }
+        while let Ok(e) = self.jobs_rx.try_recv() {
+            self.feed(e);
+        }
+        if let Ok(incoming) = self.channel.scan() {
+            for inc in incoming {
+                self.last_activity = Instant::now();
+                self.handle_incoming(inc);
+            }
+        }
+        self.feed(Event::Tick);
+        self.channel.retry_pending();
+        self.housekeeping();
+    }
+
+    fn handle_incoming(&mut self, inc: crate::channel::Incoming) {
+        let now = self.clock.now();
+        self.channel.record_history(&iso8601(now), &inc.slot, &inc.text);
+        let id = ReqId(self.next_req);
+        self.next_req += 1;
+        self.slots.insert(id, inc.slot.clone());
+        let checked = inc
+            .parsed
+            .and_then(|raw| crate::validate::check(raw, &self.root));
+        let event = match checked {
+            Ok(request) => {
+                self.channel.mark_invalid(false);
+                log::debug!("request from {}: {request:?}", inc.slot);
+                Event::Request { id, request }
+            }
+            Err(inv) => {
+                self.channel.mark_invalid(true);
+                log::warn!("invalid request in {}: {}", inc.slot, inv.reason);
+                Event::Invalid {
+                    id,
+                    action: inv.action,
+                    reason: inv.reason,
+                }
+            }
+        };
+        self.feed(event);
+    }
+
+    /// Feeds an event and performs its effects, feeding their outcomes back
+    /// until nothing is left (the machine's calling rule).
+    fn feed(&mut self, event: Event) {
+        let mut queue = VecDeque::from([event]);
+        while let Some(e) = queue.pop_front() {
+            let fx = self.machine.step(self.clock.now(), e);
+            for outcome in self.perform_all(fx) {
+                queue.push_back(outcome);
+            }
+        }
+    }
+
+    fn perform_all(&mut self, fx: Vec<Effect>) -> Vec<Event> {
+        let mut outcomes = Vec::new();
+        for f in fx {
+            if let Some(e) = self.perform(f) {
+                outcomes.push(e);
+            }
+        }
+        outcomes
+    }
+
+    fn perform(&mut self, effect: Effect) -> Option<Event> {
+        match effect {
+            Effect::Reply { id, reply } => {
+                let slot = self.slots.remove(&id).unwrap_or(Slot::Legacy);
+                log::info!(
+                    "{} {} -> {:?}{}",
+                    slot,
+                    reply.action,
+                    reply.result,
+                    reply
+                        .fail_reason
+                        .as_deref()
+                        .map(|r| format!(": {r}"))
+                        .unwrap_or_default()
+                );
+                self.channel.reply(slot, &reply);
+                None
+            }
+            Effect::Spawn { build_id, request } => {
+                Some(self.procs.spawn_build(&self.sdk, build_id, &request))
+            }
+            Effect::Signal { build_id, sig } => {
+                self.procs.signal(build_id, sig);
+                None
+            }
+            Effect::StartClean { job, workdir } => {
+                log::info!("cleaning {}", workdir.display());
+                let w = Arc::clone(&self.waker);
+                effects::start_clean(job, workdir, self.jobs_tx.clone(), move || w());
+                None
+            }
+            Effect::StartGetYaml { job, workdir } => {
+                log::info!("running appsdk exampleyamls in {}", workdir.display());
+                self.procs.spawn_getyaml(&self.sdk, job, &workdir)
+            }
+            Effect::WriteStatus(doc) => {
+                self.channel.write_status(&doc);
+                None
+            }
+            Effect::Persist(p) => {
+                let text = serde_json::to_vec_pretty(&p).unwrap_or_default();
+                if let Err(e) = crate::fsutil::write_atomic(
+                    self.channel.dir(),
+                    protocol::STATE_FILE,
+                    &text,
+                    0o644,
+                    None,
+                    true,
+                ) {
+                    log::error!("cannot save state in {}: {e}", self.channel.dir().display());
+                }
+                None
+            }
+            Effect::Exit => None,
+        }
+    }
+
+    fn housekeeping(&mut self) {
+        let due = self
+            .last_heartbeat
+            .is_none_or(|t| t.elapsed() >= HEARTBEAT_EVERY);
+        if due {
+            self.heartbeat();
+            self.last_heartbeat = Some(Instant::now());
+        }
+        if self.last_sweep.elapsed() >= SWEEP_EVERY {
+            self.channel.sweep(Duration::from_secs(600));
+            self.last_sweep = Instant::now();
+        }
+    }
+
+    /// Advertises that the daemon is alive: the file's content says who,
+    /// its mtime says when it last looked.
+    fn heartbeat(&mut self) {
+        let path = self.channel.path(protocol::ALIVE_FILE);
+        let touched = fs::OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .and_then(|f| f.set_modified(std::time::SystemTime::now()));
+        if touched.is_err() {
+            let text = format!(
+                "pid: {}\nversion: {}\nstarted_at: {}\nchannel: {}\nworkspace: {}\n",
+                std::process::id(),
+                env!("CARGO_PKG_VERSION"),
+                iso8601(self.machine.status(self.clock.now()).started_at),
+                self.settings.channel.display(),
+                self.settings.workspace.display()
+            );
+            if let Err(e) =
+                crate::fsutil::write_atomic(self.channel.dir(), protocol::ALIVE_FILE, text.as_bytes(), 0o644, None, false)
+            {
+                log::warn!("cannot write {}: {e}", path.display());
+            }
+        }
+    }
+
+    fn next_timeout(&self) -> Duration {
+        let busy = self.machine.state().kind() != StateKind::Idle
+            || self.last_activity.elapsed() < BUSY_AFTER_ACTIVITY
+            || self.channel.has_pending()
+            || self.procs.build_running();
+        let mut t = if busy {
+            self.settings.busy_poll
+        } else {
+            self.settings.idle_poll
+        };
+        if let Some(deadline) = self.machine.poll_timeout() {
+            let now = self.clock.now();
+            t = t.min(Duration::from_millis(deadline.saturating_sub(now)));
+        }
+        let hb = self
+            .last_heartbeat
+            .map_or(Duration::ZERO, |h| HEARTBEAT_EVERY.saturating_sub(h.elapsed()));
+        t.min(hb)
+    }
+}

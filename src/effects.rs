@@ -1,0 +1,484 @@
+//! Performs what the machine asks: starts, signals and reaps processes,
+//! removes trees, saves state. Outcomes come back as [`Event`]s. No
+//! decisions are taken here beyond how to carry an effect out.
+
+use crate::machine::{BuildKind, BuildRequest, Event, Exit, JobId, Persisted, ProcessId, Sig};
+use std::collections::HashMap;
+use std::fs;
+use std::io;
+use std::os::unix::fs::MetadataExt;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::mpsc;
+
+/// What the process layer needs to know about the SDK.
+#[derive(Debug, Clone)]
+pub struct SdkConfig {
+    /// The script sourced before every SDK command.
+    pub env_script: PathBuf,
+    /// `Some(path)` when the operator allowed `hack/lat-genimage-cmd`.
+    pub hack_cmd: Option<PathBuf>,
+}
+
+/// Output directories `clean` removes under a workdir.
+pub const CLEAN_DIRS: [&str; 4] = ["deploy", "exampleyamls", "workdir", "log"];
+
+/// Where `getyaml` leaves the example YAML.
+pub fn example_yaml(workdir: &Path) -> PathBuf {
+    workdir
+        .join("exampleyamls")
+        .join("debian-image-base-intel-x86-64.yaml")
+}
+
+#[derive(Debug)]
+struct RunningBuild {
+    build_id: u64,
+    pgid: i32,
+    leader_exit: Option<Exit>,
+    exit_reported: bool,
+}
+
+/// Every child process of the daemon: the build, getyaml jobs, and orphans
+/// of the build that the kernel hands to us (we are a child subreaper).
+#[derive(Debug, Default)]
+pub struct Processes {
+    /// Tracked from spawn until no process of its group remains.
+    build: Option<RunningBuild>,
+    yaml_jobs: HashMap<i32, (JobId, PathBuf)>,
+}
+
+impl Processes {
+    /// Makes the daemon the reaper of its descendants' orphans, so that a
+    /// build process whose parent died is still ours to reap and to kill.
+    pub fn become_subreaper() {
+        // SAFETY: prctl with these arguments has no memory effects.
+        unsafe {
+            libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0);
+        }
+    }
+
+    /// Starts a build in its own process group, output kept in `log/`.
+    pub fn spawn_build(&mut self, sdk: &SdkConfig, build_id: u64, req: &BuildRequest) -> Event {
+        match self.try_spawn_build(sdk, req) {
+            Ok((pid, process)) => {
+                self.build = Some(RunningBuild {
+                    build_id,
+                    pgid: pid,
+                    leader_exit: None,
+                    exit_reported: false,
+                });
+                log::info!(
+                    "build {build_id} started: pid {pid}, {} in {}",
+                    req.yaml_file.display(),
+                    req.workdir.display()
+                );
+                Event::Spawned { build_id, process }
+            }
+            Err(reason) => {
+                log::error!("build {build_id} could not be started: {reason}");
+                Event::SpawnFailed { build_id, reason }
+            }
+        }
+    }
+
+    fn try_spawn_build(&self, sdk: &SdkConfig, req: &BuildRequest) -> Result<(i32, ProcessId), String> {
+        let log_dir = req.workdir.join("log");
+        crate::fsutil::ensure_dir(&log_dir)
+            .map_err(|e| format!("cannot create {}: {e}", log_dir.display()))?;
+        // Keep the previous build's log instead of deleting it.
+        let log = log_dir.join("log.appsdk");
+        if log.exists() {
+            let _ = fs::rename(&log, log_dir.join("log.appsdk.previous"));
+        }
+        let console_path = log_dir.join("console.log");
+        let console = fs::File::create(&console_path)
+            .map_err(|e| format!("cannot create {}: {e}", console_path.display()))?;
+        let console2 = console
+            .try_clone()
+            .map_err(|e| format!("cannot duplicate a file handle: {e}"))?;
+        let sub = match req.kind {
+            BuildKind::Genimage => "genimage",
+            BuildKind::Geninitramfs => "geninitramfs",
+        };
+        let mut cmd = Command::new("bash");
+        // Paths travel as positional parameters, never through the shell's
+        // parser.
+        match &sdk.hack_cmd {
+            Some(hack) if hack.is_file() => {
+                log::warn!(
+                    "running {} instead of appsdk (allowed by --allow-hack-cmd)",
+                    hack.display()
+                );
+                cmd.args(["-c", ". \"$0\" && . \"$1\""])
+                    .arg(&sdk.env_script)
+                    .arg(hack);
+            }
+            _ => {
+                cmd.args([
+                    "-c",
+                    ". \"$0\" && exec appsdk --log-dir log \"$1\" \"$2\"",
+                ])
+                .arg(&sdk.env_script)
+                .arg(sub)
+                .arg(&req.yaml_file);
+            }
+        }
+        cmd.current_dir(&req.workdir)
+            .stdin(Stdio::null())
+            .stdout(console)
+            .stderr(console2)
+            .process_group(0);
+        let child = cmd
+            .spawn()
+            .map_err(|e| format!("cannot run bash: {e}"))?;
+        let pid = child.id() as i32;
+        // We reap with waitpid(-1); the Child handle is not needed.
+        drop(child);
+        let start_ticks = process_start_ticks(pid).unwrap_or(0);
+        Ok((
+            pid,
+            ProcessId {
+                pid: pid as u32,
+                start_ticks,
+            },
+        ))
+    }
+
+    /// Starts `appsdk exampleyamls` in `workdir`.
+    pub fn spawn_getyaml(&mut self, sdk: &SdkConfig, job: JobId, workdir: &Path) -> Option<Event> {
+        let out_path = workdir.join("log").join("getyaml.log");
+        let spawned = crate::fsutil::ensure_dir(&workdir.join("log"))
+            .and_then(|_| fs::File::create(&out_path))
+            .and_then(|out| {
+                let err = out.try_clone()?;
+                Command::new("bash")
+                    .args([
+                        "-c",
+                        ". \"$0\" && exec appsdk exampleyamls --pkg-type external-debian",
+                    ])
+                    .arg(&sdk.env_script)
+                    .current_dir(workdir)
+                    .stdin(Stdio::null())
+                    .stdout(out)
+                    .stderr(err)
+                    .process_group(0)
+                    .spawn()
+            });
+        match spawned {
+            Ok(child) => {
+                self.yaml_jobs
+                    .insert(child.id() as i32, (job, workdir.to_path_buf()));
+                None
+            }
+            Err(e) => Some(Event::YamlDone {
+                job,
+                result: Err(format!("cannot run appsdk exampleyamls: {e}")),
+            }),
+        }
+    }
+
+    /// Signals the whole process group of a build, and any orphan of it
+    /// that escaped the group.
+    pub fn signal(&mut self, build_id: u64, sig: Sig) {
+        let signo = match sig {
+            Sig::Term => libc::SIGTERM,
+            Sig::Kill => libc::SIGKILL,
+        };
+        let Some(pgid) = self.build.as_ref().filter(|b| b.build_id == build_id).map(|b| b.pgid)
+        else {
+            return;
+        };
+        log::info!("build {build_id}: sending {sig:?} to process group {pgid}");
+        // SAFETY: killpg has no memory effects.
+        unsafe {
+            libc::killpg(pgid, signo);
+        }
+        if sig == Sig::Kill {
+            for pid in self.unknown_children() {
+                log::warn!("killing pid {pid}, a leftover of build {build_id} outside its group");
+                // SAFETY: as above.
+                unsafe {
+                    libc::kill(pid, libc::SIGKILL);
+                }
+            }
+        }
+    }
+
+    /// Children of ours that are neither the build leader nor a getyaml job:
+    /// build processes orphaned to us that left the build's group.
+    fn unknown_children(&self) -> Vec<i32> {
+        let mut out = Vec::new();
+        let Ok(tasks) = fs::read_dir("/proc/self/task") else {
+            return out;
+        };
+        for t in tasks.flatten() {
+            if let Ok(list) = fs::read_to_string(t.path().join("children")) {
+                for pid in list.split_whitespace().filter_map(|p| p.parse::<i32>().ok()) {
+                    let is_leader = self.build.as_ref().is_some_and(|b| b.pgid == pid);
+                    if !is_leader && !self.yaml_jobs.contains_key(&pid) {
+                        out.push(pid);
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    /// Reaps every exited child and reports what ended.
+    pub fn reap(&mut self) -> Vec<Event> {
+        let mut events = Vec::new();
+        loop {
+            let mut status = 0;
+            // SAFETY: status is a valid pointer.
+            let pid = unsafe { libc::waitpid(-1, &mut status, libc::WNOHANG) };
+            if pid <= 0 {
+                break;
+            }
+            let exit = decode_status(status);
+            if let Some(b) = self.build.as_mut().filter(|b| b.pgid == pid) {
+                b.leader_exit = Some(exit);
+            } else if let Some((job, workdir)) = self.yaml_jobs.remove(&pid) {
+                let yaml = example_yaml(&workdir);
+                let result = match exit {
+                    Exit::Code(0) if yaml.is_file() => Ok(yaml),
+                    Exit::Code(0) => Err(format!(
+                        "appsdk exampleyamls succeeded but {} is missing",
+                        yaml.display()
+                    )),
+                    other => Err(format!(
+                        "appsdk exampleyamls failed ({}); see {}",
+                        describe_exit(other),
+                        workdir.join("log").join("getyaml.log").display()
+                    )),
+                };
+                events.push(Event::YamlDone { job, result });
+            } else {
+                log::debug!("reaped pid {pid} ({})", describe_exit(exit));
+            }
+        }
+        if let Some(b) = self.build.as_mut() {
+            if let Some(exit) = b.leader_exit {
+                let alive = group_alive(b.pgid);
+                if !b.exit_reported {
+                    b.exit_reported = true;
+                    log::info!("build {}: appsdk ended ({})", b.build_id, describe_exit(exit));
+                    events.push(Event::BuildExited {
+                        build_id: b.build_id,
+                        exit,
+                        group_alive: alive,
+                    });
+                }
+                if !alive {
+                    events.push(Event::GroupGone {
+                        build_id: b.build_id,
+                    });
+                    self.build = None;
+                }
+            }
+        }
+        events
+    }
+
+    /// Whether a build process is still being tracked.
+    pub fn build_running(&self) -> bool {
+        self.build.is_some()
+    }
+}
+
+fn decode_status(status: i32) -> Exit {
+    if libc::WIFSIGNALED(status) {
+        Exit::Signal(libc::WTERMSIG(status))
+    } else {
+        Exit::Code(libc::WEXITSTATUS(status))
+    }
+}
+
+pub fn describe_exit(exit: Exit) -> String {
+    match exit {
+        Exit::Code(c) => format!("exit code {c}"),
+        Exit::Signal(s) => format!("killed by signal {s}"),
+    }
+}
+
+/// Does any process remain in group `pgid`?
+pub fn group_alive(pgid: i32) -> bool {
+    // SAFETY: kill with signal 0 only checks.
+    let r = unsafe { libc::kill(-pgid, 0) };
+    r == 0 || io::Error::last_os_error().raw_os_error() == Some(libc::EPERM)
+}
+
+/// Field 22 of /proc/<pid>/stat: when the process started.
+pub fn process_start_ticks(pid: i32) -> Option<u64> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name may contain spaces; fields resume after the last ')'.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    rest.split_whitespace().nth(19)?.parse().ok()
+}
+
+/// Kills what is left of a build that a previous daemon ran (it was killed
+/// or crashed). Returns a description of what was found.
+pub fn kill_leftover_build(process: &ProcessId) -> String {
+    let pgid = process.pid as i32;
+    if pgid <= 1 || !group_alive(pgid) {
+        return "none of its processes were left".into();
+    }
+    // A live leader with another start time is an unrelated process that
+    // reused the pid. A group without its leader cannot have been reused:
+    // the kernel does not hand out a pid still in use as a group id.
+    match process_start_ticks(pgid) {
+        Some(t) if process.start_ticks != 0 && t != process.start_ticks => {
+            return "its process id now belongs to another process; nothing was killed".into();
+        }
+        _ => {}
+    }
+    // SAFETY: killpg has no memory effects.
+    unsafe {
+        libc::killpg(pgid, libc::SIGKILL);
+    }
+    for _ in 0..100 {
+        if !group_alive(pgid) {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    format!("its leftover processes (group {pgid}) were killed")
+}
+
+/// Removes `CLEAN_DIRS` under `workdir` in a background thread; the
+/// outcome arrives on `done` and `wake` is poked.
+pub fn start_clean(job: JobId, workdir: PathBuf, done: mpsc::Sender<Event>, wake: impl FnOnce() + Send + 'static) {
+    std::thread::spawn(move || {
+        let mut result = Ok(());
+        for d in CLEAN_DIRS {
+            if let Err(e) = remove_tree(&workdir.join(d)) {
+                result = Err(e);
+                break;
+            }
+        }
+        match &result {
+            Ok(()) => log::info!("clean of {} done", workdir.display()),
+            Err(e) => log::error!("clean of {} failed: {e}", workdir.display()),
+        }
+        let _ = done.send(Event::CleanDone { job, result });
+        wake();
+    });
+}
+
+/// Removes a tree without following symlinks and without crossing into
+/// another file system (a mount left behind by a killed build must be
+/// unmounted, not emptied). Errors name the path.
+pub fn remove_tree(root: &Path) -> Result<(), String> {
+    let md = match fs::symlink_metadata(root) {
+        Ok(md) => md,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(format!("cannot inspect {}: {e}", root.display())),
+    };
+    if !md.is_dir() {
+        return fs::remove_file(root)
+            .or_else(not_found_ok)
+            .map_err(|e| format!("cannot remove {}: {e}", root.display()));
+    }
+    remove_dir_on(root, md.dev())
+}
+
+fn not_found_ok(e: io::Error) -> io::Result<()> {
+    if e.kind() == io::ErrorKind::NotFound {
+        Ok(())
+    } else {
+        Err(e)
+    }
+}
+
+fn remove_dir_on(dir: &Path, dev: u64) -> Result<(), String> {
+    let entries =
+        fs::read_dir(dir).map_err(|e| format!("cannot read directory {}: {e}", dir.display()))?;
+    for entry in entries {
+        let entry = entry.map_err(|e| format!("cannot read directory {}: {e}", dir.display()))?;
+        let path = entry.path();
+        let md = match fs::symlink_metadata(&path) {
+            Ok(md) => md,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(format!("cannot inspect {}: {e}", path.display())),
+        };
+        if md.is_dir() {
+            if md.dev() != dev {
+                return Err(format!(
+                    "{} is a mount point (left by a build?); unmount it, then clean again",
+                    path.display()
+                ));
+            }
+            remove_dir_on(&path, dev)?;
+        } else {
+            fs::remove_file(&path)
+                .or_else(not_found_ok)
+                .map_err(|e| format!("cannot remove {}: {e}", path.display()))?;
+        }
+    }
+    fs::remove_dir(dir)
+        .or_else(not_found_ok)
+        .map_err(|e| format!("cannot remove directory {}: {e}", dir.display()))
+}
+
+/// Loads the persisted state; a missing file is a fresh start, a corrupt one
+/// is kept aside (never silently overwritten) and a fresh start made.
+pub fn load_state(path: &Path) -> Persisted {
+    match fs::read(path) {
+        Ok(bytes) => match serde_json::from_slice(&bytes) {
+            Ok(p) => p,
+            Err(e) => {
+                let aside = path.with_extension("json.corrupt");
+                log::error!(
+                    "{} is unreadable ({e}); moved to {} and starting afresh",
+                    path.display(),
+                    aside.display()
+                );
+                let _ = fs::rename(path, aside);
+                Persisted::default()
+            }
+        },
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Persisted::default(),
+        Err(e) => {
+            log::error!("cannot read {}: {e}; starting afresh", path.display());
+            Persisted::default()
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tempdir(tag: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!("latd-effects-{tag}-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&d);
+        fs::create_dir_all(&d).unwrap();
+        d
+    }
+
+    #[test]
+    fn remove_tree_does_not_follow_symlinks() {
+        let d = tempdir("symlink");
+        let outside = d.join("outside");
+        fs::create_dir_all(&outside).unwrap();
+        fs::write(outside.join("keep"), "x").unwrap();
+        let tree = d.join("tree");
+        fs::create_dir_all(tree.join("a/b")).unwrap();
+        fs::write(tree.join("a/b/f"), "x").unwrap();
+        std::os::unix::fs::symlink(&outside, tree.join("a/link")).unwrap();
+        remove_tree(&tree).unwrap();
+        assert!(!tree.exists());
+        assert!(outside.join("keep").exists());
+        fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn remove_tree_of_missing_path_is_ok() {
+        assert!(remove_tree(Path::new("/nonexistent/latd-test")).is_ok());
+    }
+
+    #[test]
+    fn start_ticks_of_self() {
+        assert!(process_start_ticks(std::process::id() as i32).unwrap() > 0);
+    }
+}

@@ -1,0 +1,175 @@
+//! Small file-system helpers shared by the daemon and the client.
+
+use std::ffi::CString;
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Read, Write};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// Who should own the files the daemon creates in the channel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Owner {
+    pub uid: u32,
+    pub gid: u32,
+}
+
+impl Owner {
+    /// The owner of `dir`, if we run as root and it is someone else; `None`
+    /// means "leave ownership alone".
+    pub fn of_dir_when_root(dir: &Path) -> Option<Owner> {
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            return None;
+        }
+        let md = fs::metadata(dir).ok()?;
+        (md.uid() != 0 || md.gid() != 0).then_some(Owner {
+            uid: md.uid(),
+            gid: md.gid(),
+        })
+    }
+}
+
+static TMP_COUNTER: AtomicU64 = AtomicU64::new(0);
+
+/// A temporary name in the same directory, hidden (leading dot) so that
+/// directory scans skip it.
+pub fn temp_name(name: &str) -> String {
+    let n = TMP_COUNTER.fetch_add(1, Ordering::Relaxed);
+    format!(".{name}.{}.{n}.tmp", std::process::id())
+}
+
+/// Writes `dir/name` so that no reader ever sees it half written: a
+/// temporary file in the same directory, then rename.
+pub fn write_atomic(
+    dir: &Path,
+    name: &str,
+    data: &[u8],
+    mode: u32,
+    owner: Option<Owner>,
+    sync: bool,
+) -> io::Result<()> {
+    let tmp = dir.join(temp_name(name));
+    let result = (|| {
+        let mut f = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(mode)
+            .open(&tmp)?;
+        f.write_all(data)?;
+        // The mode must not depend on the umask of whoever started us.
+        f.set_permissions(std::os::unix::fs::PermissionsExt::from_mode(mode))?;
+        if let Some(o) = owner {
+            std::os::unix::fs::fchown(&f, Some(o.uid), Some(o.gid))?;
+        }
+        if sync {
+            f.sync_all()?;
+        }
+        drop(f);
+        fs::rename(&tmp, dir.join(name))
+    })();
+    if result.is_err() {
+        let _ = fs::remove_file(&tmp);
+    }
+    result
+}
+
+/// Reads at most `cap` bytes of a regular file, without following a
+/// symlink at the last component and without blocking on a FIFO.
+/// Returns the bytes and whether the file was longer than `cap`.
+pub fn read_capped(path: &Path, cap: u64) -> io::Result<(Vec<u8>, bool, fs::Metadata)> {
+    let f = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(path)?;
+    let md = f.metadata()?;
+    if !md.is_file() {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "not a regular file",
+        ));
+    }
+    let mut buf = Vec::new();
+    f.take(cap + 1).read_to_end(&mut buf)?;
+    let too_long = buf.len() as u64 > cap;
+    buf.truncate(cap as usize);
+    Ok((buf, too_long, md))
+}
+
+/// Creates `dir` (and parents) if missing; a newly created directory gets
+/// the owner of its parent when we run as root, so that the other side can
+/// use it.
+pub fn ensure_dir(dir: &Path) -> io::Result<()> {
+    if dir.is_dir() {
+        return Ok(());
+    }
+    if let Some(parent) = dir.parent() {
+        ensure_dir(parent)?;
+    }
+    match fs::create_dir(dir) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => return Ok(()),
+        Err(e) => return Err(e),
+    }
+    if let Some(owner) = dir.parent().and_then(Owner::of_dir_when_root) {
+        let _ = std::os::unix::fs::chown(dir, Some(owner.uid), Some(owner.gid));
+    }
+    let _ = fs::set_permissions(dir, std::os::unix::fs::PermissionsExt::from_mode(0o775));
+    Ok(())
+}
+
+/// Creates the FIFO `path` unless a FIFO is already there.
+pub fn ensure_fifo(path: &Path, owner: Option<Owner>) -> io::Result<()> {
+    use std::os::unix::fs::FileTypeExt;
+    match fs::symlink_metadata(path) {
+        Ok(md) if md.file_type().is_fifo() => return Ok(()),
+        Ok(_) => fs::remove_file(path)?,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
+    let c = CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "path has a NUL byte"))?;
+    // SAFETY: c is a valid NUL-terminated path.
+    if unsafe { libc::mkfifo(c.as_ptr(), 0o622) } != 0 {
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::AlreadyExists {
+            return Err(e);
+        }
+    }
+    // Anyone who may write requests may poke the daemon awake.
+    fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(0o622))?;
+    if let Some(o) = owner {
+        std::os::unix::fs::chown(path, Some(o.uid), Some(o.gid))?;
+    }
+    Ok(())
+}
+
+/// Writes one byte to the daemon's wake-up FIFO, if someone reads it.
+/// Best effort: the directory scan is the source of truth.
+pub fn poke(fifo: &Path) {
+    if let Ok(mut f) = OpenOptions::new()
+        .write(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(fifo)
+    {
+        let _ = f.write(b"!");
+    }
+}
+
+/// Opens a file for appending, creating it with `mode`.
+pub fn open_append(path: &Path, mode: u32) -> io::Result<File> {
+    OpenOptions::new()
+        .append(true)
+        .create(true)
+        .mode(mode)
+        .open(path)
+}
+
+/// Removes a file; a file that is already gone counts as removed.
+pub fn remove_if_present(path: &Path) -> io::Result<()> {
+    match fs::remove_file(path) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+        _ => Ok(()),
+    }
+}
