@@ -25,7 +25,12 @@ impl std::fmt::Display for Slot {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Slot::Legacy => write!(f, "{}", protocol::LEGACY_REQUEST),
-            Slot::Named(id) => write!(f, "{}{id}{}", protocol::REQUEST_PREFIX, protocol::MESSAGE_SUFFIX),
+            Slot::Named(id) => write!(
+                f,
+                "{}{id}{}",
+                protocol::REQUEST_PREFIX,
+                protocol::MESSAGE_SUFFIX
+            ),
         }
     }
 }
@@ -124,7 +129,8 @@ impl Channel {
         for e in entries.flatten() {
             let name = e.file_name().to_string_lossy().into_owned();
             let ours = (name.starts_with('.') && name.ends_with(".tmp"))
-                || (name.starts_with(protocol::REPLY_PREFIX) && name.ends_with(protocol::MESSAGE_SUFFIX));
+                || (name.starts_with(protocol::REPLY_PREFIX)
+                    && name.ends_with(protocol::MESSAGE_SUFFIX));
             if !ours {
                 continue;
             }
@@ -133,7 +139,13 @@ impl Channel {
                 .and_then(|m| m.modified())
                 .ok()
                 .and_then(|t| now.duration_since(t).ok())
-                .is_some_and(|a| a >= age.max(if name.starts_with('.') { Duration::ZERO } else { STALE_AFTER }));
+                .is_some_and(|a| {
+                    a >= age.max(if name.starts_with('.') {
+                        Duration::ZERO
+                    } else {
+                        STALE_AFTER
+                    })
+                });
             if old {
                 log::debug!("removing stale {name}");
                 let _ = fs::remove_file(e.path());
@@ -191,17 +203,29 @@ impl Channel {
     fn read_legacy(&mut self) -> Option<Incoming> {
         let done = self.path(protocol::LEGACY_REQUEST_DONE);
         let done_md = fs::symlink_metadata(&done).ok()?;
-        let key = (protocol::LEGACY_REQUEST_DONE.to_string(), done_md.ino(), done_md.mtime(), done_md.mtime_nsec());
+        let key = (
+            protocol::LEGACY_REQUEST_DONE.to_string(),
+            done_md.ino(),
+            done_md.mtime(),
+            done_md.mtime_nsec(),
+        );
         if self.handled.contains(&key) {
             return None;
         }
         let msg = self.path(protocol::LEGACY_REQUEST);
-        let (text, parsed) = read_request(&msg, protocol::LEGACY_REQUEST, protocol::LEGACY_REQUEST_DONE);
+        let (text, parsed) = read_request(
+            &msg,
+            protocol::LEGACY_REQUEST,
+            protocol::LEGACY_REQUEST_DONE,
+        );
         match fs::remove_file(&done) {
             Ok(()) => {}
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}
             Err(e) => {
-                log::error!("cannot remove {}: {e}; the channel must be writable", done.display());
+                log::error!(
+                    "cannot remove {}: {e}; the channel must be writable",
+                    done.display()
+                );
                 self.handled.insert(key);
             }
         }
@@ -213,7 +237,11 @@ impl Channel {
     }
 
     fn read_named(&mut self, id: String) -> Option<Incoming> {
-        let name = format!("{}{id}{}", protocol::REQUEST_PREFIX, protocol::MESSAGE_SUFFIX);
+        let name = format!(
+            "{}{id}{}",
+            protocol::REQUEST_PREFIX,
+            protocol::MESSAGE_SUFFIX
+        );
         let path = self.path(&name);
         let md = fs::symlink_metadata(&path).ok()?;
         let key = (name.clone(), md.ino(), md.mtime(), md.mtime_nsec());
@@ -222,7 +250,10 @@ impl Channel {
         }
         if !protocol::valid_request_id(&id) {
             // Cannot be answered (no safe reply name): remove it and say why.
-            log::error!("ignoring {name}: request ids are 1-{} characters of A-Z a-z 0-9 . _ -", protocol::MAX_REQUEST_ID);
+            log::error!(
+                "ignoring {name}: request ids are 1-{} characters of A-Z a-z 0-9 . _ -",
+                protocol::MAX_REQUEST_ID
+            );
             if fs::remove_file(&path).is_err() {
                 self.handled.insert(key);
             }
@@ -230,7 +261,10 @@ impl Channel {
         }
         let (text, parsed) = read_request(&path, &name, &name);
         if let Err(e) = fsutil::remove_if_present(&path) {
-            log::error!("cannot remove {}: {e}; the channel must be writable", path.display());
+            log::error!(
+                "cannot remove {}: {e}; the channel must be writable",
+                path.display()
+            );
             self.handled.insert(key);
         }
         Some(Incoming {
@@ -244,7 +278,10 @@ impl Channel {
     pub fn reply(&mut self, slot: Slot, reply: &Reply) {
         let text = reply.render();
         if let Err(e) = self.write_reply(&slot, &text) {
-            log::error!("cannot write the reply to {slot} in {}: {e}; will retry", self.dir.display());
+            log::error!(
+                "cannot write the reply to {slot} in {}: {e}; will retry",
+                self.dir.display()
+            );
             self.pending.push(PendingReply {
                 slot,
                 text,
@@ -256,8 +293,22 @@ impl Channel {
     fn write_reply(&self, slot: &Slot, text: &str) -> io::Result<()> {
         match slot {
             Slot::Legacy => {
-                fsutil::write_atomic(&self.dir, protocol::LEGACY_REPLY, text.as_bytes(), 0o644, self.owner, false)?;
-                fsutil::write_atomic(&self.dir, protocol::LEGACY_REPLY_DONE, b"", 0o644, self.owner, false)
+                fsutil::write_atomic(
+                    &self.dir,
+                    protocol::LEGACY_REPLY,
+                    text.as_bytes(),
+                    0o644,
+                    self.owner,
+                    false,
+                )?;
+                fsutil::write_atomic(
+                    &self.dir,
+                    protocol::LEGACY_REPLY_DONE,
+                    b"",
+                    0o644,
+                    self.owner,
+                    false,
+                )
             }
             Slot::Named(id) => {
                 let name = format!("{}{id}{}", protocol::REPLY_PREFIX, protocol::MESSAGE_SUFFIX);
@@ -277,7 +328,11 @@ impl Channel {
             match self.write_reply(&p.slot, &p.text) {
                 Ok(()) => log::info!("reply to {} written after a retry", p.slot),
                 Err(e) if p.since.elapsed() > REPLY_RETRY_FOR => {
-                    log::error!("giving up on the reply to {} after {:?}: {e}", p.slot, REPLY_RETRY_FOR)
+                    log::error!(
+                        "giving up on the reply to {} after {:?}: {e}",
+                        p.slot,
+                        REPLY_RETRY_FOR
+                    )
                 }
                 Err(_) => self.pending.push(p),
             }
@@ -292,7 +347,14 @@ impl Channel {
     pub fn mark_invalid(&self, invalid: bool) {
         let path = self.path(protocol::INVALID_MARKER);
         let r = if invalid {
-            fsutil::write_atomic(&self.dir, protocol::INVALID_MARKER, b"", 0o644, self.owner, false)
+            fsutil::write_atomic(
+                &self.dir,
+                protocol::INVALID_MARKER,
+                b"",
+                0o644,
+                self.owner,
+                false,
+            )
         } else {
             fsutil::remove_if_present(&path)
         };
@@ -303,8 +365,18 @@ impl Channel {
 
     pub fn write_status(&self, doc: &StatusDoc) {
         let text = serde_yaml::to_string(doc).unwrap_or_default();
-        if let Err(e) = fsutil::write_atomic(&self.dir, protocol::STATUS_FILE, text.as_bytes(), 0o644, self.owner, false) {
-            log::error!("cannot write {}: {e}", self.path(protocol::STATUS_FILE).display());
+        if let Err(e) = fsutil::write_atomic(
+            &self.dir,
+            protocol::STATUS_FILE,
+            text.as_bytes(),
+            0o644,
+            self.owner,
+            false,
+        ) {
+            log::error!(
+                "cannot write {}: {e}",
+                self.path(protocol::STATUS_FILE).display()
+            );
         }
     }
 
@@ -362,7 +434,10 @@ fn read_request(path: &Path, name: &str, done_name: &str) -> (String, Result<Raw
             text,
             Err(Invalid::new(
                 None,
-                format!("{name} is larger than {} bytes; a request is a small YAML mapping", protocol::MAX_MESSAGE_BYTES),
+                format!(
+                    "{name} is larger than {} bytes; a request is a small YAML mapping",
+                    protocol::MAX_MESSAGE_BYTES
+                ),
             )),
         );
     }

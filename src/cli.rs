@@ -55,7 +55,10 @@ pub fn parse_args<T: argh::FromArgs>() -> T {
                 std::process::exit(0);
             }
             Err(()) => {
-                eprintln!("{}\nRun {cmd} --help for more information.", early.output.trim_end());
+                eprintln!(
+                    "{}\nRun {cmd} --help for more information.",
+                    early.output.trim_end()
+                );
                 std::process::exit(crate::client::EXIT_USAGE);
             }
         },
@@ -78,9 +81,17 @@ pub fn init_logging(debug: bool, quiet: bool, default: log::LevelFilter) {
 }
 
 /// `flag`, else the environment variable `var`, else `default`.
-pub fn path_setting(flag: Option<PathBuf>, var: &str, default: impl FnOnce() -> PathBuf) -> PathBuf {
-    flag.or_else(|| std::env::var_os(var).filter(|v| !v.is_empty()).map(PathBuf::from))
-        .unwrap_or_else(default)
+pub fn path_setting(
+    flag: Option<PathBuf>,
+    var: &str,
+    default: impl FnOnce() -> PathBuf,
+) -> PathBuf {
+    flag.or_else(|| {
+        std::env::var_os(var)
+            .filter(|v| !v.is_empty())
+            .map(PathBuf::from)
+    })
+    .unwrap_or_else(default)
 }
 
 /// `flag`, else a number in `var`, else `default`.
@@ -89,9 +100,7 @@ pub fn num_setting(flag: Option<f64>, var: &str, default: f64) -> Result<f64, St
         return Ok(v);
     }
     match std::env::var(var) {
-        Ok(v) if !v.is_empty() => v
-            .parse()
-            .map_err(|_| format!("{var}={v} is not a number")),
+        Ok(v) if !v.is_empty() => v.parse().map_err(|_| format!("{var}={v} is not a number")),
         _ => Ok(default),
     }
 }
@@ -117,8 +126,17 @@ mod tests {
             split_equals(v(&["latc", "--file=/localdisk/lat.yaml", "build"])),
             v(&["latc", "--file", "/localdisk/lat.yaml", "build"])
         );
-        assert_eq!(split_equals(v(&["latc", "--file=a=b"])), v(&["latc", "--file", "a=b"]));
-        assert_eq!(split_equals(v(&["x", "--", "--a=b"])), v(&["x", "--", "--a=b"]));
-        assert_eq!(split_equals(v(&["x", "-d", "status"])), v(&["x", "-d", "status"]));
+        assert_eq!(
+            split_equals(v(&["latc", "--file=a=b"])),
+            v(&["latc", "--file", "a=b"])
+        );
+        assert_eq!(
+            split_equals(v(&["x", "--", "--a=b"])),
+            v(&["x", "--", "--a=b"])
+        );
+        assert_eq!(
+            split_equals(v(&["x", "-d", "status"])),
+            v(&["x", "-d", "status"])
+        );
     }
 }

@@ -138,16 +138,26 @@ impl Client {
             &self.workspace.to_string_lossy(),
             yaml_file.map(|y| y.to_string_lossy()).as_deref(),
         );
-        let req_name = format!("{}{id}{}", protocol::REQUEST_PREFIX, protocol::MESSAGE_SUFFIX);
+        let req_name = format!(
+            "{}{id}{}",
+            protocol::REQUEST_PREFIX,
+            protocol::MESSAGE_SUFFIX
+        );
         let rep_name = format!("{}{id}{}", protocol::REPLY_PREFIX, protocol::MESSAGE_SUFFIX);
-        fsutil::write_atomic(&self.channel, &req_name, text.as_bytes(), 0o644, None, false).map_err(
-            |e| {
-                ClientError::Io(format!(
-                    "cannot write the request into {}: {e}; the channel must be writable by you",
-                    self.channel.display()
-                ))
-            },
-        )?;
+        fsutil::write_atomic(
+            &self.channel,
+            &req_name,
+            text.as_bytes(),
+            0o644,
+            None,
+            false,
+        )
+        .map_err(|e| {
+            ClientError::Io(format!(
+                "cannot write the request into {}: {e}; the channel must be writable by you",
+                self.channel.display()
+            ))
+        })?;
         log::debug!("sent {req_name}");
         fsutil::poke(&self.channel.join(protocol::WAKE_FIFO));
         let rep_path = self.channel.join(&rep_name);
@@ -162,7 +172,10 @@ impl Client {
                     return Reply::parse(&bytes).map_err(ClientError::Io);
                 }
                 Err(e) if e.kind() != io::ErrorKind::NotFound => {
-                    return Err(ClientError::Io(format!("cannot read {}: {e}", rep_path.display())))
+                    return Err(ClientError::Io(format!(
+                        "cannot read {}: {e}",
+                        rep_path.display()
+                    )))
                 }
                 Err(_) => {}
             }
@@ -204,7 +217,11 @@ impl Client {
 
     /// Reads a file a reply points to; the daemon's path first, then the
     /// same name in our channel (the volume may be mounted elsewhere here).
-    pub fn read_reply_file(&self, path: Option<&Path>, fallback: &str) -> Option<(PathBuf, String)> {
+    pub fn read_reply_file(
+        &self,
+        path: Option<&Path>,
+        fallback: &str,
+    ) -> Option<(PathBuf, String)> {
         let candidates = path
             .into_iter()
             .map(Path::to_path_buf)
@@ -226,16 +243,21 @@ impl Client {
                 self.channel.display()
             ))
         })?;
-        serde_yaml::from_str(&text)
-            .map_err(|e| ClientError::Io(format!("{} is not a status document: {e}", path.display())))
+        serde_yaml::from_str(&text).map_err(|e| {
+            ClientError::Io(format!("{} is not a status document: {e}", path.display()))
+        })
     }
 
     /// Finished builds, oldest first, from the daemon's persisted state.
     /// Works without a running daemon.
     pub fn history(&self) -> Result<Vec<BuildRecord>, ClientError> {
         let path = self.channel.join(protocol::STATE_FILE);
-        let bytes = fs::read(&path)
-            .map_err(|e| ClientError::Io(format!("cannot read {}: {e}; has latd ever run on this channel?", path.display())))?;
+        let bytes = fs::read(&path).map_err(|e| {
+            ClientError::Io(format!(
+                "cannot read {}: {e}; has latd ever run on this channel?",
+                path.display()
+            ))
+        })?;
         let p: Persisted = serde_json::from_slice(&bytes)
             .map_err(|e| ClientError::Io(format!("{} is unreadable: {e}", path.display())))?;
         let mut all = p.history;

@@ -175,8 +175,12 @@ pub fn run(settings: Settings) -> Result<(), String> {
     unsafe {
         libc::umask(0o022);
     }
-    crate::fsutil::ensure_dir(&settings.workspace)
-        .map_err(|e| format!("cannot create workspace {}: {e}", settings.workspace.display()))?;
+    crate::fsutil::ensure_dir(&settings.workspace).map_err(|e| {
+        format!(
+            "cannot create workspace {}: {e}",
+            settings.workspace.display()
+        )
+    })?;
     let root = settings
         .workspace
         .canonicalize()
@@ -310,7 +314,8 @@ impl Daemon {
 
     fn handle_incoming(&mut self, inc: crate::channel::Incoming) {
         let now = self.clock.now();
-        self.channel.record_history(&iso8601(now), &inc.slot, &inc.text);
+        self.channel
+            .record_history(&iso8601(now), &inc.slot, &inc.text);
         let id = ReqId(self.next_req);
         self.next_req += 1;
         self.slots.insert(id, inc.slot.clone());
@@ -446,9 +451,14 @@ impl Daemon {
                 self.settings.channel.display(),
                 self.settings.workspace.display()
             );
-            if let Err(e) =
-                crate::fsutil::write_atomic(self.channel.dir(), protocol::ALIVE_FILE, text.as_bytes(), 0o644, None, false)
-            {
+            if let Err(e) = crate::fsutil::write_atomic(
+                self.channel.dir(),
+                protocol::ALIVE_FILE,
+                text.as_bytes(),
+                0o644,
+                None,
+                false,
+            ) {
                 log::warn!("cannot write {}: {e}", path.display());
             }
         }
@@ -468,9 +478,9 @@ impl Daemon {
             let now = self.clock.now();
             t = t.min(Duration::from_millis(deadline.saturating_sub(now)));
         }
-        let hb = self
-            .last_heartbeat
-            .map_or(Duration::ZERO, |h| HEARTBEAT_EVERY.saturating_sub(h.elapsed()));
+        let hb = self.last_heartbeat.map_or(Duration::ZERO, |h| {
+            HEARTBEAT_EVERY.saturating_sub(h.elapsed())
+        });
         t.min(hb)
     }
 }

@@ -15,10 +15,11 @@ fn edges() -> BTreeMap<(StateKind, StateKind), Vec<String>> {
                 continue;
             }
             for &to in r.to {
-                edges
-                    .entry((from, to))
-                    .or_default()
-                    .push(format!("{} / {}", event.name(), does_label(r.does)));
+                edges.entry((from, to)).or_default().push(format!(
+                    "{} / {}",
+                    event.name(),
+                    does_label(r.does)
+                ));
             }
         }
     }

@@ -82,7 +82,11 @@ impl Processes {
         }
     }
 
-    fn try_spawn_build(&self, sdk: &SdkConfig, req: &BuildRequest) -> Result<(i32, ProcessId), String> {
+    fn try_spawn_build(
+        &self,
+        sdk: &SdkConfig,
+        req: &BuildRequest,
+    ) -> Result<(i32, ProcessId), String> {
         let log_dir = req.workdir.join("log");
         crate::fsutil::ensure_dir(&log_dir)
             .map_err(|e| format!("cannot create {}: {e}", log_dir.display()))?;
@@ -115,13 +119,10 @@ impl Processes {
                     .arg(hack);
             }
             _ => {
-                cmd.args([
-                    "-c",
-                    ". \"$0\" && exec appsdk --log-dir log \"$1\" \"$2\"",
-                ])
-                .arg(&sdk.env_script)
-                .arg(sub)
-                .arg(&req.yaml_file);
+                cmd.args(["-c", ". \"$0\" && exec appsdk --log-dir log \"$1\" \"$2\""])
+                    .arg(&sdk.env_script)
+                    .arg(sub)
+                    .arg(&req.yaml_file);
             }
         }
         cmd.current_dir(&req.workdir)
@@ -129,9 +130,7 @@ impl Processes {
             .stdout(console)
             .stderr(console2)
             .process_group(0);
-        let child = cmd
-            .spawn()
-            .map_err(|e| format!("cannot run bash: {e}"))?;
+        let child = cmd.spawn().map_err(|e| format!("cannot run bash: {e}"))?;
         let pid = child.id() as i32;
         // We reap with waitpid(-1); the Child handle is not needed.
         drop(child);
@@ -185,7 +184,11 @@ impl Processes {
             Sig::Term => libc::SIGTERM,
             Sig::Kill => libc::SIGKILL,
         };
-        let Some(pgid) = self.build.as_ref().filter(|b| b.build_id == build_id).map(|b| b.pgid)
+        let Some(pgid) = self
+            .build
+            .as_ref()
+            .filter(|b| b.build_id == build_id)
+            .map(|b| b.pgid)
         else {
             return;
         };
@@ -214,7 +217,10 @@ impl Processes {
         };
         for t in tasks.flatten() {
             if let Ok(list) = fs::read_to_string(t.path().join("children")) {
-                for pid in list.split_whitespace().filter_map(|p| p.parse::<i32>().ok()) {
+                for pid in list
+                    .split_whitespace()
+                    .filter_map(|p| p.parse::<i32>().ok())
+                {
                     let is_leader = self.build.as_ref().is_some_and(|b| b.pgid == pid);
                     if !is_leader && !self.yaml_jobs.contains_key(&pid) {
                         out.push(pid);
@@ -262,7 +268,11 @@ impl Processes {
                 let alive = group_alive(b.pgid);
                 if !b.exit_reported {
                     b.exit_reported = true;
-                    log::info!("build {}: appsdk ended ({})", b.build_id, describe_exit(exit));
+                    log::info!(
+                        "build {}: appsdk ended ({})",
+                        b.build_id,
+                        describe_exit(exit)
+                    );
                     events.push(Event::BuildExited {
                         build_id: b.build_id,
                         exit,
@@ -347,7 +357,12 @@ pub fn kill_leftover_build(process: &ProcessId) -> String {
 
 /// Removes `CLEAN_DIRS` under `workdir` in a background thread; the
 /// outcome arrives on `done` and `wake` is poked.
-pub fn start_clean(job: JobId, workdir: PathBuf, done: mpsc::Sender<Event>, wake: impl FnOnce() + Send + 'static) {
+pub fn start_clean(
+    job: JobId,
+    workdir: PathBuf,
+    done: mpsc::Sender<Event>,
+    wake: impl FnOnce() + Send + 'static,
+) {
     std::thread::spawn(move || {
         let mut result = Ok(());
         for d in CLEAN_DIRS {

@@ -10,14 +10,14 @@
 //! - [`daemon`]: the poll loop that ties them together (`latd`);
 //! - [`client`]: the client side (`latc`).
 
-pub mod diagram;
-pub mod machine;
-pub mod protocol;
 pub mod channel;
-pub mod clock;
-pub mod daemon;
-pub mod effects;
-pub mod fsutil;
-pub mod validate;
 pub mod cli;
 pub mod client;
+pub mod clock;
+pub mod daemon;
+pub mod diagram;
+pub mod effects;
+pub mod fsutil;
+pub mod machine;
+pub mod protocol;
+pub mod validate;

@@ -154,7 +154,13 @@ impl BuildRecord {
         self.ended_at.unwrap_or(now).saturating_sub(self.started_at)
     }
 
-    fn finish(&mut self, now: Millis, exit: Option<Exit>, outcome: Outcome, reason: Option<String>) {
+    fn finish(
+        &mut self,
+        now: Millis,
+        exit: Option<Exit>,
+        outcome: Outcome,
+        reason: Option<String>,
+    ) {
         self.ended_at = Some(now);
         self.outcome = outcome;
         match exit {
@@ -191,7 +197,10 @@ pub enum Effect {
     Reply { id: ReqId, reply: Reply },
     /// Start build `build_id` in its own process group; report
     /// [`Event::Spawned`] or [`Event::SpawnFailed`].
-    Spawn { build_id: u64, request: BuildRequest },
+    Spawn {
+        build_id: u64,
+        request: BuildRequest,
+    },
     /// Signal the process group of build `build_id`.
     Signal { build_id: u64, sig: Sig },
     /// Remove the build outputs under `workdir`; report [`Event::CleanDone`].
@@ -209,15 +218,24 @@ pub enum Effect {
 /// What the driver saw.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Event {
-    Request { id: ReqId, request: Request },
+    Request {
+        id: ReqId,
+        request: Request,
+    },
     /// A request that could not be understood or whose paths were refused.
     Invalid {
         id: ReqId,
         action: Option<String>,
         reason: String,
     },
-    Spawned { build_id: u64, process: ProcessId },
-    SpawnFailed { build_id: u64, reason: String },
+    Spawned {
+        build_id: u64,
+        process: ProcessId,
+    },
+    SpawnFailed {
+        build_id: u64,
+        reason: String,
+    },
     /// The build's leader was reaped; `group_alive` if others remain.
     BuildExited {
         build_id: u64,
@@ -225,8 +243,13 @@ pub enum Event {
         group_alive: bool,
     },
     /// No process of the build's group remains.
-    GroupGone { build_id: u64 },
-    CleanDone { job: JobId, result: Result<(), String> },
+    GroupGone {
+        build_id: u64,
+    },
+    CleanDone {
+        job: JobId,
+        result: Result<(), String>,
+    },
     YamlDone {
         job: JobId,
         result: Result<PathBuf, String>,
@@ -454,7 +477,9 @@ pub fn rule(state: StateKind, event: EventKind) -> Rule {
         (S::Stopping, E::BuildExited) => {
             rule_to(&[StateKind::Stopping, StateKind::Idle], StoppedLeaderExited)
         }
-        (S::Stopping, E::GroupGone) => rule_to(&[StateKind::Idle, StateKind::Stopping], StopFinished),
+        (S::Stopping, E::GroupGone) => {
+            rule_to(&[StateKind::Idle, StateKind::Stopping], StopFinished)
+        }
         (S::Stopping, E::Tick) => rule_to(STOPPING, KillAfterGrace),
         (S::Idle | S::Building | S::Cleaning, E::GroupGone) => rule_to(state_slice(state), Ignore),
         (S::Idle | S::Building | S::Cleaning, E::Tick) => rule_to(state_slice(state), Ignore),
@@ -618,7 +643,12 @@ impl Machine {
         let kind = self.state.kind();
         let build = self.current_build().cloned();
         StatusDoc {
-            lat_status: if kind == StateKind::Idle { "idle" } else { "busy" }.into(),
+            lat_status: if kind == StateKind::Idle {
+                "idle"
+            } else {
+                "busy"
+            }
+            .into(),
             build_status: build
                 .as_ref()
                 .map_or("not-started", |b| b.build_status())
@@ -803,7 +833,10 @@ impl Machine {
                         // Only with a driver that breaks the calling rule.
                         fx.push(Effect::Reply {
                             id,
-                            reply: Reply::fail("build", "the build exited before it was reported started"),
+                            reply: Reply::fail(
+                                "build",
+                                "the build exited before it was reported started",
+                            ),
                         });
                     }
                     let mut build = build.clone();
@@ -811,11 +844,17 @@ impl Machine {
                         Exit::Code(0) => (Outcome::Succeeded, None),
                         Exit::Code(c) => (
                             Outcome::Failed,
-                            Some(format!("appsdk exited with code {c}; see {}", build.log_file.display())),
+                            Some(format!(
+                                "appsdk exited with code {c}; see {}",
+                                build.log_file.display()
+                            )),
                         ),
                         Exit::Signal(s) => (
                             Outcome::Failed,
-                            Some(format!("appsdk was killed by signal {s}; see {}", build.log_file.display())),
+                            Some(format!(
+                                "appsdk was killed by signal {s}; see {}",
+                                build.log_file.display()
+                            )),
                         ),
                     };
                     build.finish(now, Some(exit), outcome, reason);
@@ -986,7 +1025,10 @@ impl Machine {
                 if let State::Cleaning { requester, .. } = self.state {
                     fx.push(Effect::Reply {
                         id: requester,
-                        reply: Reply::fail("clean", "latd is shutting down; the clean was interrupted, run it again"),
+                        reply: Reply::fail(
+                            "clean",
+                            "latd is shutting down; the clean was interrupted, run it again",
+                        ),
                     });
                 }
                 self.state = State::Idle;
@@ -1014,7 +1056,13 @@ impl Machine {
         job
     }
 
-    fn begin_stop(&mut self, now: Millis, waiters: Vec<ReqId>, then_exit: bool, fx: &mut Vec<Effect>) {
+    fn begin_stop(
+        &mut self,
+        now: Millis,
+        waiters: Vec<ReqId>,
+        then_exit: bool,
+        fx: &mut Vec<Effect>,
+    ) {
         if let State::Building { build, starting } = &mut self.state {
             let starting = starting.take();
             let build = build.clone();

@@ -120,7 +120,9 @@ pub fn parse_request(bytes: &[u8]) -> Result<RawRequest, Invalid> {
     if text.trim().is_empty() {
         return Err(Invalid::new(
             None,
-            format!("request is empty; expected a YAML mapping with 'action: ...' ({ACTIONS_HINT})"),
+            format!(
+                "request is empty; expected a YAML mapping with 'action: ...' ({ACTIONS_HINT})"
+            ),
         ));
     }
     let value: serde_yaml::Value = serde_yaml::from_str(text).map_err(|e| {
@@ -162,8 +164,7 @@ pub fn parse_request(bytes: &[u8]) -> Result<RawRequest, Invalid> {
         ));
     };
     let workdir = get_str("workdir").map_err(|e| Invalid::new(Some(action_text.clone()), e))?;
-    let yaml_file =
-        get_str("yaml_file").map_err(|e| Invalid::new(Some(action_text.clone()), e))?;
+    let yaml_file = get_str("yaml_file").map_err(|e| Invalid::new(Some(action_text.clone()), e))?;
     Ok(RawRequest {
         action,
         workdir,
@@ -309,8 +310,14 @@ mod tests {
             (b"workdir: /x\n", "no 'action'"),
             (b"action: 3\n", "'action' must be a string"),
             (b"action: fly\n", "unknown action 'fly'"),
-            (b"action: build\nyaml_file: [1]\n", "'yaml_file' must be a string"),
-            (b"action: build\nworkdir: {a: 1}\n", "'workdir' must be a string"),
+            (
+                b"action: build\nyaml_file: [1]\n",
+                "'yaml_file' must be a string",
+            ),
+            (
+                b"action: build\nworkdir: {a: 1}\n",
+                "'workdir' must be a string",
+            ),
         ];
         for (bytes, want) in cases {
             let err = parse_request(bytes).unwrap_err();

@@ -25,7 +25,10 @@ pub fn check(raw: RawRequest, root: &Path) -> Result<Request, Invalid> {
                 log_file: if log.is_file() {
                     Ok(log)
                 } else {
-                    Err(format!("No log file found ({} does not exist)", log.display()))
+                    Err(format!(
+                        "No log file found ({} does not exist)",
+                        log.display()
+                    ))
                 },
             }
         }
@@ -66,7 +69,10 @@ fn workdir(given: Option<&str>, root: &Path) -> Result<PathBuf, String> {
 
 fn yaml_file(given: Option<&str>, root: &Path) -> Result<PathBuf, String> {
     let Some(given) = given.filter(|g| !g.is_empty()) else {
-        return Err("build needs 'yaml_file': the absolute path of the image YAML (latc build --file PATH)".into());
+        return Err(
+            "build needs 'yaml_file': the absolute path of the image YAML (latc build --file PATH)"
+                .into(),
+        );
     };
     let path = Path::new(given);
     if !path.is_absolute() {
@@ -104,12 +110,18 @@ fn build_kind(yaml: &Path) -> Result<BuildKind, String> {
     let (bytes, too_long, _) = crate::fsutil::read_capped(yaml, 16 * MAX_MESSAGE_BYTES)
         .map_err(|e| format!("yaml_file {} cannot be read: {e}", yaml.display()))?;
     if too_long {
-        return Err(format!("yaml_file {} is larger than 16 MiB", yaml.display()));
+        return Err(format!(
+            "yaml_file {} is larger than 16 MiB",
+            yaml.display()
+        ));
     }
     let doc: serde_yaml::Value = serde_yaml::from_slice(&bytes)
         .map_err(|e| format!("yaml_file {} is not valid YAML: {e}", yaml.display()))?;
     let Some(map) = doc.as_mapping() else {
-        return Err(format!("yaml_file {} is not a YAML mapping", yaml.display()));
+        return Err(format!(
+            "yaml_file {} is not a YAML mapping",
+            yaml.display()
+        ));
     };
     let initramfs = match map.get("image_type") {
         Some(serde_yaml::Value::String(s)) => s.contains("initramfs"),

@@ -2,11 +2,14 @@
 //! shared channel directory. See `latc --help`.
 
 use argh::FromArgs;
-use latd::client::{self, Client, ClientError, LogFollower, EXIT_DETACHED, EXIT_FAILED, EXIT_OK, EXIT_UNREACHABLE, EXIT_USAGE};
+use latd::cli;
+use latd::client::{
+    self, Client, ClientError, LogFollower, EXIT_DETACHED, EXIT_FAILED, EXIT_OK, EXIT_UNREACHABLE,
+    EXIT_USAGE,
+};
 use latd::clock::{human_duration, iso8601, wall_now};
 use latd::machine::{BuildRecord, Outcome};
 use latd::protocol::{Action, Reply, ReplyResult};
-use latd::cli;
 use std::io::Write;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -158,7 +161,16 @@ struct HealthCmd {}
 
 /// Options that may appear anywhere; they are moved before the command so
 /// that argh, which wants them there, accepts them.
-const GLOBAL_OPTIONS: [&str; 8] = ["--file", "-f", "--channel", "-c", "--workspace", "-w", "--timeout", "-t"];
+const GLOBAL_OPTIONS: [&str; 8] = [
+    "--file",
+    "-f",
+    "--channel",
+    "-c",
+    "--workspace",
+    "-w",
+    "--timeout",
+    "-t",
+];
 const GLOBAL_SWITCHES: [&str; 5] = ["--json", "--debug", "-d", "--quiet", "-q"];
 
 fn hoist_globals(args: Vec<String>) -> Vec<String> {
@@ -195,7 +207,10 @@ fn parse() -> Args {
                 std::process::exit(0);
             }
             Err(()) => {
-                eprintln!("{}\nRun latc --help for more information.", early.output.trim_end());
+                eprintln!(
+                    "{}\nRun latc --help for more information.",
+                    early.output.trim_end()
+                );
                 std::process::exit(EXIT_USAGE);
             }
         },
@@ -303,7 +318,13 @@ fn run(client: &Client, args: &Args, command: Command, out: &Out) -> Result<i32,
         }
         Command::Getyaml(_) => {
             let reply = client.request(Action::Getyaml, None)?;
-            print_reply_file(client, &reply, reply.yaml_file_path.clone(), "example YAML", out)
+            print_reply_file(
+                client,
+                &reply,
+                reply.yaml_file_path.clone(),
+                "example YAML",
+                out,
+            )
         }
         Command::Wait(w) => follow_current(client, w.follow, w.stop_on_interrupt, out),
         Command::History(h) => history(client, args.json, h.limit),
@@ -330,13 +351,23 @@ fn run(client: &Client, args: &Args, command: Command, out: &Out) -> Result<i32,
 fn refused(reply: &Reply, out: &Out) -> i32 {
     out.error(&format!(
         "{} refused: {}",
-        if reply.action.is_empty() { "request" } else { &reply.action },
+        if reply.action.is_empty() {
+            "request"
+        } else {
+            &reply.action
+        },
         reply.fail_reason.as_deref().unwrap_or("no reason given")
     ));
     EXIT_FAILED
 }
 
-fn print_reply_file(client: &Client, reply: &Reply, path: Option<PathBuf>, what: &str, out: &Out) -> Result<i32, ClientError> {
+fn print_reply_file(
+    client: &Client,
+    reply: &Reply,
+    path: Option<PathBuf>,
+    what: &str,
+    out: &Out,
+) -> Result<i32, ClientError> {
     if reply.result == ReplyResult::Fail {
         return Ok(refused(reply, out));
     }
@@ -354,7 +385,9 @@ fn print_reply_file(client: &Client, reply: &Reply, path: Option<PathBuf>, what:
             let _ = client;
             out.error(&format!(
                 "latd named the {what} {} but it cannot be read here: {e}",
-                path.as_deref().map(|p| p.display().to_string()).unwrap_or_default()
+                path.as_deref()
+                    .map(|p| p.display().to_string())
+                    .unwrap_or_default()
             ));
             Ok(EXIT_FAILED)
         }
@@ -369,7 +402,10 @@ fn build(client: &Client, args: &Args, b: &BuildCmd, out: &Out) -> Result<i32, C
     let abs = match std::path::absolute(file) {
         Ok(p) if p.is_file() => p,
         _ => {
-            out.error(&format!("{} does not exist or is not a file", file.display()));
+            out.error(&format!(
+                "{} does not exist or is not a file",
+                file.display()
+            ));
             return Ok(EXIT_FAILED);
         }
     };
@@ -393,7 +429,12 @@ fn build(client: &Client, args: &Args, b: &BuildCmd, out: &Out) -> Result<i32, C
 }
 
 /// Waits for the build that runs now (or the last one, if none runs).
-fn follow_current(client: &Client, follow: bool, stop_on_interrupt: bool, out: &Out) -> Result<i32, ClientError> {
+fn follow_current(
+    client: &Client,
+    follow: bool,
+    stop_on_interrupt: bool,
+    out: &Out,
+) -> Result<i32, ClientError> {
     let doc = client.status_doc()?;
     let Some(build) = doc.build else {
         out.say("no build has run yet");
@@ -413,7 +454,13 @@ fn follow_current(client: &Client, follow: bool, stop_on_interrupt: bool, out: &
 
 /// Polls until build `id` ends; streams its log with `follow`; shows
 /// progress on a terminal.
-fn watch(client: &Client, id: Option<u64>, follow: bool, stop_on_interrupt: bool, out: &Out) -> Result<i32, ClientError> {
+fn watch(
+    client: &Client,
+    id: Option<u64>,
+    follow: bool,
+    stop_on_interrupt: bool,
+    out: &Out,
+) -> Result<i32, ClientError> {
     let interrupted = Arc::new(AtomicBool::new(false));
     let _ = signal_hook::flag::register(libc::SIGINT, Arc::clone(&interrupted));
     let mut follower: Option<LogFollower> = None;
@@ -426,7 +473,10 @@ fn watch(client: &Client, id: Option<u64>, follow: bool, stop_on_interrupt: bool
         if last_status.elapsed() >= Duration::from_millis(250) {
             last_status = Instant::now();
             let doc = client.status_doc()?;
-            current = doc.build.filter(|b| id.is_none_or(|i| b.id == i)).or(current);
+            current = doc
+                .build
+                .filter(|b| id.is_none_or(|i| b.id == i))
+                .or(current);
             if current.is_none() {
                 // The build we wait for is no longer the current one: look
                 // it up in the history.
@@ -447,14 +497,20 @@ fn watch(client: &Client, id: Option<u64>, follow: bool, stop_on_interrupt: bool
                 println!("{line}");
             }
         } else {
-            let mut f = follower.take().unwrap_or_else(|| LogFollower::new(build.log_file.clone()));
+            let mut f = follower
+                .take()
+                .unwrap_or_else(|| LogFollower::new(build.log_file.clone()));
             if let Some(l) = f.poll(false).into_iter().last() {
                 last_line = l;
             }
             follower = Some(f);
             let elapsed = human_duration(build.duration_ms(wall_now()));
             if out.tty && !out.quiet {
-                let mut line = format!("[build {} {} {elapsed}] {last_line}", build.id, if stop_sent { "stopping" } else { "running" });
+                let mut line = format!(
+                    "[build {} {} {elapsed}] {last_line}",
+                    build.id,
+                    if stop_sent { "stopping" } else { "running" }
+                );
                 line.truncate(terminal_width().saturating_sub(1));
                 eprint!("\r\x1b[K{line}");
             } else if !out.quiet && last_plain.elapsed() >= Duration::from_secs(10) {
@@ -535,12 +591,25 @@ fn summary(b: &BuildRecord, out: &Out) {
 
 fn history(client: &Client, json: bool, limit: usize) -> Result<i32, ClientError> {
     let all = client.history()?;
-    let shown: Vec<&BuildRecord> = all.iter().rev().take(limit).collect::<Vec<_>>().into_iter().rev().collect();
+    let shown: Vec<&BuildRecord> = all
+        .iter()
+        .rev()
+        .take(limit)
+        .collect::<Vec<_>>()
+        .into_iter()
+        .rev()
+        .collect();
     if json {
-        println!("{}", serde_json::to_string_pretty(&shown).unwrap_or_default());
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&shown).unwrap_or_default()
+        );
         return Ok(EXIT_OK);
     }
-    println!("{:>5}  {:<24}  {:>9}  {:<9}  YAML", "ID", "STARTED", "DURATION", "RESULT");
+    println!(
+        "{:>5}  {:<24}  {:>9}  {:<9}  YAML",
+        "ID", "STARTED", "DURATION", "RESULT"
+    );
     for b in shown {
         let result = match b.outcome {
             Outcome::Running => "running",

@@ -90,8 +90,14 @@ fn settings(args: Args) -> Result<Settings, String> {
             Err(format!("{what} must be a non-negative number of seconds"))
         }
     };
-    let grace = secs(cli::num_setting(args.grace, "LATD_GRACE_SECS", 20.0)?, "--grace")?;
-    let idle_poll = secs(cli::num_setting(args.poll_ms, "LATD_POLL_MS", 100.0)? / 1000.0, "--poll-ms")?;
+    let grace = secs(
+        cli::num_setting(args.grace, "LATD_GRACE_SECS", 20.0)?,
+        "--grace",
+    )?;
+    let idle_poll = secs(
+        cli::num_setting(args.poll_ms, "LATD_POLL_MS", 100.0)? / 1000.0,
+        "--poll-ms",
+    )?;
     let busy_poll = secs(args.busy_poll_ms.unwrap_or(4.0) / 1000.0, "--busy-poll-ms")?;
     Ok(Settings {
         workspace,

@@ -1,0 +1,286 @@
+//! Shared test harness: a private workspace per test, the real `latd` and
+//! `latc` binaries, the stand-in SDK, and waiting on conditions with
+//! deadlines instead of fixed sleeps.
+#![allow(dead_code)]
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+pub const LATD: &str = env!("CARGO_BIN_EXE_latd");
+pub const LATC: &str = env!("CARGO_BIN_EXE_latc");
+
+pub fn sdk_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/sdk")
+}
+
+static COUNTER: AtomicU64 = AtomicU64::new(0);
+
+/// A temporary directory holding `ws/` (the workspace, with `ws/channel`).
+/// Removed on drop.
+pub struct TestEnv {
+    pub root: PathBuf,
+    pub ws: PathBuf,
+    pub channel: PathBuf,
+}
+
+impl TestEnv {
+    pub fn new(tag: &str) -> TestEnv {
+        let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+        let root = std::env::temp_dir().join(format!("latd-test-{tag}-{}-{n}", std::process::id()));
+        let _ = fs::remove_dir_all(&root);
+        let ws = root.join("ws");
+        fs::create_dir_all(&ws).unwrap();
+        // Canonical, so paths compare equal to what latd reports.
+        let ws = ws.canonicalize().unwrap();
+        let root = root.canonicalize().unwrap();
+        TestEnv {
+            channel: ws.join("channel"),
+            root,
+            ws,
+        }
+    }
+
+    /// Writes an image YAML for the stand-in SDK under the workspace.
+    pub fn yaml(&self, name: &str, standin: &str) -> PathBuf {
+        let p = self.ws.join(name);
+        fs::write(
+            &p,
+            format!("name: test\nmachine: intel-x86-64\nimage_type: [iso]\n{standin}\n"),
+        )
+        .unwrap();
+        p
+    }
+
+    /// Starts latd on this workspace with a short grace period.
+    pub fn daemon(&self) -> Daemon {
+        self.daemon_with(&["--grace", "2"])
+    }
+
+    pub fn daemon_with(&self, args: &[&str]) -> Daemon {
+        let log = fs::File::create(self.root.join(format!(
+            "latd-{}.log",
+            COUNTER.fetch_add(1, Ordering::Relaxed)
+        )))
+        .unwrap();
+        let child = Command::new(LATD)
+            .args(["--workspace", self.ws.to_str().unwrap()])
+            .args(["--sdk", sdk_dir().to_str().unwrap()])
+            .args(args)
+            .arg("-d")
+            .env_remove("RUST_LOG")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("start latd");
+        let d = Daemon {
+            child: Some(child),
+            channel: self.channel.clone(),
+        };
+        let alive = self.channel.join("latd.alive");
+        wait_until(Duration::from_secs(10), "latd to come up", || {
+            alive.exists()
+        });
+        d
+    }
+
+    /// A latc command preset for this workspace.
+    pub fn latc_cmd(&self) -> Command {
+        let mut c = Command::new(LATC);
+        c.env("WORKSPACE_DIR", &self.ws)
+            .env_remove("LAT_CHANNEL_DIR")
+            .env_remove("RUST_LOG")
+            .stdin(Stdio::null());
+        c
+    }
+
+    /// Runs latc with `args`.
+    pub fn latc(&self, args: &[&str]) -> Output {
+        self.latc_cmd().args(args).output().expect("run latc")
+    }
+
+    /// Processes whose working directory is inside this test's directory:
+    /// what is left of builds. Zombies are not counted.
+    pub fn leftover_processes(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        let Ok(procs) = fs::read_dir("/proc") else {
+            return out;
+        };
+        for p in procs.flatten() {
+            let name = p.file_name();
+            let Some(pid) = name.to_str().and_then(|s| s.parse::<u32>().ok()) else {
+                continue;
+            };
+            let Ok(cwd) = fs::read_link(p.path().join("cwd")) else {
+                continue;
+            };
+            if !cwd.starts_with(&self.root) {
+                continue;
+            }
+            let stat = fs::read_to_string(p.path().join("stat")).unwrap_or_default();
+            let state = stat
+                .rsplit(')')
+                .next()
+                .and_then(|r| r.split_whitespace().next())
+                .unwrap_or("");
+            if state == "Z" {
+                continue;
+            }
+            let cmd = fs::read(p.path().join("cmdline")).unwrap_or_default();
+            out.push(format!(
+                "{pid}: {}",
+                String::from_utf8_lossy(&cmd).replace('\0', " ")
+            ));
+        }
+        out
+    }
+
+    /// Waits for every build process of this test to be gone.
+    pub fn assert_no_leftovers(&self) {
+        let mut last = Vec::new();
+        let gone = poll_until(Duration::from_secs(5), || {
+            last = self.leftover_processes();
+            last.is_empty()
+        });
+        assert!(gone, "processes survived: {last:?}");
+    }
+
+    /// Waits until the stand-in build has started its workers (and set up
+    /// its signal handling).
+    pub fn wait_workers(&self) {
+        let log = self.ws.join("log/log.appsdk");
+        wait_until(Duration::from_secs(10), "the build's workers", || {
+            fs::read_to_string(&log)
+                .unwrap_or_default()
+                .contains("worker")
+        });
+    }
+
+    pub fn status_text(&self) -> String {
+        let o = self.latc(&["status"]);
+        assert!(o.status.success(), "latc status failed: {}", stderr(&o));
+        stdout(&o)
+    }
+
+    /// `latc status --json` as a value.
+    pub fn status_json(&self) -> serde_json::Value {
+        let o = self.latc(&["status", "--json"]);
+        assert!(o.status.success(), "latc status failed: {}", stderr(&o));
+        serde_json::from_slice(&o.stdout).expect("status --json is JSON")
+    }
+
+    pub fn wait_state(&self, state: &str) {
+        wait_until(Duration::from_secs(20), &format!("state {state}"), || {
+            self.status_json()["state"] == state
+        });
+    }
+}
+
+impl Drop for TestEnv {
+    fn drop(&mut self) {
+        for p in self.leftover_processes() {
+            if let Some(pid) = p.split(':').next().and_then(|s| s.parse::<i32>().ok()) {
+                // SAFETY: kill has no memory effects.
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+            }
+        }
+        if !std::thread::panicking() {
+            let _ = fs::remove_dir_all(&self.root);
+        } else {
+            eprintln!("test files kept in {}", self.root.display());
+        }
+    }
+}
+
+/// A running latd; killed (SIGKILL) on drop unless it already exited.
+pub struct Daemon {
+    pub child: Option<Child>,
+    pub channel: PathBuf,
+}
+
+impl Daemon {
+    pub fn pid(&self) -> i32 {
+        self.child.as_ref().unwrap().id() as i32
+    }
+
+    pub fn signal(&self, sig: i32) {
+        // SAFETY: kill has no memory effects.
+        unsafe { libc::kill(self.pid(), sig) };
+    }
+
+    /// Waits for latd to exit; returns its exit code.
+    pub fn wait_exit(&mut self, within: Duration) -> Option<i32> {
+        let mut child = self.child.take().unwrap();
+        let start = Instant::now();
+        loop {
+            if let Some(st) = child.try_wait().unwrap() {
+                return st.code();
+            }
+            if start.elapsed() > within {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("latd did not exit within {within:?}");
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+pub fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+pub fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// Polls `cond` every 10 ms until it holds or `within` passes.
+pub fn poll_until(within: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let start = Instant::now();
+    loop {
+        if cond() {
+            return true;
+        }
+        if start.elapsed() > within {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+pub fn wait_until(within: Duration, what: &str, cond: impl FnMut() -> bool) {
+    assert!(
+        poll_until(within, cond),
+        "timed out after {within:?} waiting for {what}"
+    );
+}
+
+pub fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}
+
+/// Says plainly that a root-only test was skipped.
+pub fn skip_unless_root(test: &str) -> bool {
+    if is_root() {
+        return false;
+    }
+    eprintln!("SKIPPED {test}: needs root (run the suite as root, as CI does)");
+    true
+}

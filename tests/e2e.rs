@@ -1,0 +1,466 @@
+//! End to end: the real latd and latc binaries, the stand-in SDK, real
+//! processes, signals and files, each test in its own directory.
+
+mod common;
+use common::*;
+use std::fs;
+use std::time::{Duration, Instant};
+
+#[test]
+fn deployed_caller_sequence_build_follow_stop_idle() {
+    let env = TestEnv::new("deployed");
+    let _d = env.daemon();
+    // The deployed script copies its YAML to the workspace and calls latc
+    // with --file=VALUE before the action.
+    let yaml = env.yaml("lat.yaml", "standin_duration: 1\nstandin_log_lines: 5");
+    let o = env.latc(&[&format!("--file={}", yaml.display()), "build"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(env.status_text().contains("lat_status: busy"));
+    // It follows the log until the success line, then stops at once.
+    let log = env.ws.join("log/log.appsdk");
+    wait_until(Duration::from_secs(20), "the success line", || {
+        fs::read_to_string(&log)
+            .unwrap_or_default()
+            .contains("DEBUG: Deploy ovmf.qcow2")
+    });
+    let o = env.latc(&["stop"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    // Right after stop returns, status says idle, and the build that had
+    // succeeded keeps its result.
+    let text = env.status_text();
+    assert!(text.contains("lat_status: idle"), "{text}");
+    assert!(text.contains("build_status: succeed"), "{text}");
+    env.assert_no_leftovers();
+}
+
+#[test]
+fn stop_kills_every_process_of_the_build_and_answers_when_gone() {
+    let env = TestEnv::new("stop");
+    let _d = env.daemon();
+    let yaml = env.yaml("lat.yaml", "standin_duration: 60\nstandin_children: 3");
+    assert!(env
+        .latc(&["build", "--file", yaml.to_str().unwrap()])
+        .status
+        .success());
+    env.wait_workers();
+    let o = env.latc(&["stop"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    // The reply came after the processes were gone.
+    assert!(
+        env.leftover_processes().is_empty(),
+        "{:?}",
+        env.leftover_processes()
+    );
+    let s = env.status_json();
+    assert_eq!(s["lat_status"], "idle");
+    assert_eq!(s["build_status"], "fail");
+    assert_eq!(s["build"]["outcome"], "stopped");
+}
+
+#[test]
+fn stop_escalates_to_sigkill_after_the_grace_period() {
+    let env = TestEnv::new("kill");
+    let _d = env.daemon_with(&["--grace", "1"]);
+    let yaml = env.yaml(
+        "lat.yaml",
+        "standin_duration: 60\nstandin_ignore_term: true",
+    );
+    assert!(env
+        .latc(&["build", "--file", yaml.to_str().unwrap()])
+        .status
+        .success());
+    env.wait_workers();
+    let t = Instant::now();
+    let o = env.latc(&["stop"]);
+    let took = t.elapsed();
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(
+        took >= Duration::from_millis(900),
+        "SIGKILL came before the grace period: {took:?}"
+    );
+    assert!(
+        env.leftover_processes().is_empty(),
+        "{:?}",
+        env.leftover_processes()
+    );
+    let s = env.status_json();
+    assert_eq!(s["build"]["signal"], 9);
+    assert!(s["build"]["fail_reason"]
+        .as_str()
+        .unwrap()
+        .contains("killed after the grace period"));
+}
+
+#[test]
+fn failed_build_reports_fail_and_wait_exits_1() {
+    let env = TestEnv::new("fail");
+    let _d = env.daemon();
+    let yaml = env.yaml("lat.yaml", "standin_duration: 0.3\nstandin_result: fail");
+    let o = env.latc(&["build", "--file", yaml.to_str().unwrap(), "--wait"]);
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert!(
+        stdout(&o).contains("ERROR: "),
+        "the log was streamed: {}",
+        stdout(&o)
+    );
+    assert!(stderr(&o).contains("failed after"), "{}", stderr(&o));
+    let s = env.status_json();
+    assert_eq!(s["build_status"], "fail");
+    assert_eq!(s["build"]["exit_code"], 2);
+    assert!(s["build"]["fail_reason"]
+        .as_str()
+        .unwrap()
+        .contains("code 2"));
+}
+
+#[test]
+fn build_wait_exit_codes_succeeded_and_stopped() {
+    let env = TestEnv::new("waitcodes");
+    let _d = env.daemon();
+    let ok = env.yaml("ok.yaml", "standin_duration: 0.3");
+    let o = env.latc(&["build", "--file", ok.to_str().unwrap(), "--wait"]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    assert!(stdout(&o).contains("DEBUG: Deploy ovmf.qcow2"));
+    assert!(stderr(&o).contains("succeeded in"), "{}", stderr(&o));
+
+    let long = env.yaml("long.yaml", "standin_duration: 60");
+    let waiter = env
+        .latc_cmd()
+        .args(["build", "--file", long.to_str().unwrap(), "--wait"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_until(Duration::from_secs(10), "the build to run", || {
+        env.status_json()["state"] == "building"
+    });
+    assert!(env.latc(&["stop"]).status.success());
+    let o = waiter.wait_with_output().unwrap();
+    assert_eq!(o.status.code(), Some(4), "{}", stderr(&o));
+    assert!(stderr(&o).contains("stopped after"), "{}", stderr(&o));
+}
+
+#[test]
+fn second_build_is_refused_and_keeps_the_running_log() {
+    let env = TestEnv::new("refuse");
+    let _d = env.daemon();
+    let yaml = env.yaml("lat.yaml", "standin_duration: 60");
+    assert!(env
+        .latc(&["build", "--file", yaml.to_str().unwrap()])
+        .status
+        .success());
+    let log = env.ws.join("log/log.appsdk");
+    wait_until(Duration::from_secs(10), "the log", || log.exists());
+    let before = fs::read_to_string(&log).unwrap();
+    let o = env.latc(&["build", "--file", yaml.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        stderr(&o).contains("a build is already running"),
+        "{}",
+        stderr(&o)
+    );
+    assert!(
+        fs::read_to_string(&log).unwrap().starts_with(&before),
+        "the refused build touched the log"
+    );
+    assert!(env.latc(&["stop"]).status.success());
+}
+
+#[test]
+fn paths_never_pass_through_a_shell() {
+    let env = TestEnv::new("shell");
+    let _d = env.daemon();
+    let marker = env.root.join("pwned");
+    let name = format!(
+        "a b;touch {};$(touch {}).yaml",
+        marker.display(),
+        marker.display()
+    );
+    let dir = env.ws.join("odd dir");
+    fs::create_dir_all(&dir).unwrap();
+    let yaml = dir.join(name.replace('/', "_"));
+    fs::write(&yaml, "name: x\nstandin_duration: 0.2\n").unwrap();
+    let o = env.latc(&["build", "--file", yaml.to_str().unwrap(), "--wait"]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    assert!(!marker.exists(), "a path was parsed by a shell");
+}
+
+#[test]
+fn workdir_outside_the_workspace_is_refused() {
+    let env = TestEnv::new("outside");
+    let _d = env.daemon();
+    let o = env
+        .latc_cmd()
+        .args(["--workspace", "/tmp", "clean"])
+        .output()
+        .unwrap();
+    // latc with another workspace still finds the channel via --channel.
+    let _ = o;
+    let o = env
+        .latc_cmd()
+        .args([
+            "--workspace",
+            "/",
+            "--channel",
+            env.channel.to_str().unwrap(),
+            "clean",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        stderr(&o).contains("outside the workspace"),
+        "{}",
+        stderr(&o)
+    );
+    assert!(env.channel.join("invalid_message").exists());
+    assert!(env.latc(&["status"]).status.success());
+    assert!(
+        !env.channel.join("invalid_message").exists(),
+        "a valid request removes the marker"
+    );
+}
+
+#[test]
+fn hack_command_runs_only_when_allowed() {
+    let env = TestEnv::new("hack");
+    fs::create_dir_all(env.ws.join("hack")).unwrap();
+    let marker = env.ws.join("hack-ran");
+    fs::write(
+        env.ws.join("hack/lat-genimage-cmd"),
+        format!("touch '{}'\n", marker.display()),
+    )
+    .unwrap();
+    let yaml = env.yaml("lat.yaml", "standin_duration: 0.2");
+    {
+        let _d = env.daemon();
+        let o = env.latc(&["build", "--file", yaml.to_str().unwrap(), "--wait"]);
+        assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+        assert!(
+            !marker.exists(),
+            "hack command ran without --allow-hack-cmd"
+        );
+    }
+    let _d = env.daemon_with(&["--allow-hack-cmd"]);
+    let o = env.latc(&["build", "--file", yaml.to_str().unwrap(), "--wait"]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    assert!(
+        marker.exists(),
+        "hack command did not run with --allow-hack-cmd"
+    );
+}
+
+#[test]
+fn getyaml_logs_and_clean() {
+    let env = TestEnv::new("misc");
+    let _d = env.daemon();
+    let o = env.latc(&["logs"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains("No log file found"), "{}", stderr(&o));
+    let o = env.latc(&["getyaml"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stdout(&o).contains("machine: intel-x86-64"));
+    assert!(env
+        .ws
+        .join("exampleyamls/debian-image-base-intel-x86-64.yaml")
+        .is_file());
+    let yaml = env.yaml("lat.yaml", "standin_duration: 0.2");
+    assert!(env
+        .latc(&["build", "--file", yaml.to_str().unwrap(), "--wait"])
+        .status
+        .success());
+    let o = env.latc(&["logs"]);
+    assert!(stdout(&o).contains("DEBUG: Deploy ovmf.qcow2"));
+    // clean follows no symlink out of the workspace
+    let outside = env.root.join("outside");
+    fs::create_dir_all(&outside).unwrap();
+    fs::write(outside.join("keep"), "x").unwrap();
+    std::os::unix::fs::symlink(&outside, env.ws.join("deploy/link")).unwrap();
+    let o = env.latc(&["clean"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    for d in ["deploy", "exampleyamls", "log"] {
+        assert!(!env.ws.join(d).exists(), "{d} survived clean");
+    }
+    assert!(outside.join("keep").exists());
+    assert!(yaml.exists(), "clean removed the YAML");
+}
+
+#[test]
+fn sigterm_to_latd_stops_the_build_and_exits_0() {
+    let env = TestEnv::new("sigterm");
+    let mut d = env.daemon_with(&["--grace", "1"]);
+    let yaml = env.yaml(
+        "lat.yaml",
+        "standin_duration: 60\nstandin_ignore_term: true",
+    );
+    assert!(env
+        .latc(&["build", "--file", yaml.to_str().unwrap()])
+        .status
+        .success());
+    env.wait_workers();
+    let t = Instant::now();
+    d.signal(libc::SIGTERM);
+    assert_eq!(d.wait_exit(Duration::from_secs(5)), Some(0));
+    assert!(
+        t.elapsed() < Duration::from_secs(2),
+        "took {:?}",
+        t.elapsed()
+    );
+    assert!(
+        env.leftover_processes().is_empty(),
+        "{:?}",
+        env.leftover_processes()
+    );
+    // The final state was recorded, and a client is told latd is gone.
+    let state = fs::read_to_string(env.channel.join("latd.state.json")).unwrap();
+    assert!(state.contains("\"stopped\""), "{state}");
+    let o = env.latc(&["status"]);
+    assert_eq!(o.status.code(), Some(3));
+    assert!(stderr(&o).contains("no latd is running"), "{}", stderr(&o));
+}
+
+#[test]
+fn client_written_from_the_protocol_document_drives_every_action() {
+    let env = TestEnv::new("proto");
+    let _d = env.daemon();
+    let client = |args: &[&str]| -> serde_json::Value {
+        let o = std::process::Command::new("python3")
+            .arg(concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/tests/clients/protocol_client.py"
+            ))
+            .args([
+                "--channel",
+                env.channel.to_str().unwrap(),
+                "--timeout",
+                "20",
+            ])
+            .args(args)
+            .output()
+            .expect("python3");
+        assert!(o.status.success(), "{}", stderr(&o));
+        serde_json::from_slice(&o.stdout).unwrap()
+    };
+    let ws = env.ws.to_str().unwrap();
+    let r = client(&["--action", "status", "--workdir", ws]);
+    assert_eq!(r["result"], "succeed");
+    assert!(r["file_content"]
+        .as_str()
+        .unwrap()
+        .contains("lat_status: idle"));
+    let r = client(&["--action", "getyaml", "--workdir", ws]);
+    assert_eq!(r["result"], "succeed");
+    assert!(r["file_content"].as_str().unwrap().contains("machine:"));
+    let yaml = env.yaml("lat.yaml", "standin_duration: 30");
+    let r = client(&[
+        "--action",
+        "build",
+        "--workdir",
+        ws,
+        "--yaml-file",
+        yaml.to_str().unwrap(),
+    ]);
+    assert_eq!(r["result"], "succeed");
+    let r = client(&["--action", "status", "--workdir", ws]);
+    assert!(r["file_content"]
+        .as_str()
+        .unwrap()
+        .contains("lat_status: busy"));
+    let log = env.ws.join("log/log.appsdk");
+    wait_until(Duration::from_secs(10), "the log", || log.exists());
+    let r = client(&["--action", "logs", "--workdir", ws]);
+    assert_eq!(r["result"], "succeed");
+    assert_eq!(r["log_file_path"], log.to_str().unwrap());
+    let r = client(&["--action", "clean", "--workdir", ws]);
+    assert_eq!(r["result"], "fail", "clean must be refused during a build");
+    let r = client(&["--action", "stop", "--workdir", ws]);
+    assert_eq!(r["result"], "succeed");
+    let r = client(&["--action", "status", "--workdir", ws]);
+    assert!(r["file_content"]
+        .as_str()
+        .unwrap()
+        .contains("lat_status: idle"));
+    let r = client(&["--action", "clean", "--workdir", ws]);
+    assert_eq!(r["result"], "succeed");
+    // The original weaknesses: no workdir, unknown action, malformed YAML.
+    let r = client(&["--action", "status", "--workdir", ""]);
+    assert_eq!(r["result"], "succeed");
+    let r = client(&["--action", "fly", "--workdir", ws]);
+    assert_eq!(r["result"], "fail");
+    assert!(r["fail_reason"]
+        .as_str()
+        .unwrap()
+        .contains("unknown action"));
+    env.assert_no_leftovers();
+}
+
+#[test]
+fn help_explains_flags_and_environment() {
+    for (bin, words) in [
+        (
+            LATD,
+            &[
+                "--workspace",
+                "--channel",
+                "--sdk",
+                "--grace",
+                "WORKSPACE_DIR",
+                "LAT_CHANNEL_DIR",
+                "LAT_SDK_DIR",
+                "RUST_LOG",
+                "--debug",
+                "--quiet",
+                "--allow-hack-cmd",
+            ][..],
+        ),
+        (
+            LATC,
+            &[
+                "build",
+                "status",
+                "stop",
+                "logs",
+                "clean",
+                "getyaml",
+                "wait",
+                "history",
+                "health",
+                "--timeout",
+                "WORKSPACE_DIR",
+                "Exit codes",
+                "--debug",
+                "--quiet",
+            ][..],
+        ),
+    ] {
+        let o = std::process::Command::new(bin)
+            .arg("--help")
+            .output()
+            .unwrap();
+        assert!(o.status.success());
+        let text = stdout(&o);
+        for w in words {
+            assert!(text.contains(w), "{bin} --help lacks {w}:\n{text}");
+        }
+    }
+    let o = std::process::Command::new(LATC)
+        .args(["build", "--help"])
+        .output()
+        .unwrap();
+    assert!(stdout(&o).contains("--wait"));
+}
+
+#[test]
+fn latc_without_daemon_fails_fast_naming_the_channel() {
+    let env = TestEnv::new("nodaemon");
+    let t = Instant::now();
+    let o = env.latc(&["status"]);
+    assert_eq!(o.status.code(), Some(3));
+    assert!(t.elapsed() < Duration::from_secs(1));
+    assert!(
+        stderr(&o).contains(env.channel.to_str().unwrap()),
+        "{}",
+        stderr(&o)
+    );
+    assert_eq!(env.latc(&["health"]).status.code(), Some(3));
+}

@@ -1,0 +1,1972 @@
+//! Tests of the daemon's state machine, through its public API only.
+//!
+//! 1. The transition table, row by row, written out by hand as a spec: every
+//!    state × every event kind, each run on a real machine.
+//! 2. Scripted scenarios, one behaviour each.
+//! 3. Properties over random runs against a small simulated world that keeps
+//!    the driver's calling rule.
+//! 4. The request parser never panics.
+//!
+//! Nothing here does I/O or reads a clock: time is a number handed to `step`.
+
+use latd::machine::*;
+use latd::protocol::*;
+use proptest::prelude::*;
+use proptest::sample::Index;
+use std::collections::{BTreeSet, VecDeque};
+use std::path::{Path, PathBuf};
+
+// ===========================================================================
+// A small test driver
+// ===========================================================================
+
+/// Time of the first step (any value works; a realistic one reads better).
+const T0: Millis = 1_700_000_000_000;
+/// The stop grace period of every test machine.
+const GRACE: u64 = 10_000;
+/// A build id or job id the machine never hands out in these tests.
+const STALE: u64 = 999_999;
+const PROC: ProcessId = ProcessId {
+    pid: 4242,
+    start_ticks: 99,
+};
+const STATUS_FILE_PATH: &str = "/chan/status.lat";
+
+fn config(history_cap: usize) -> Config {
+    Config {
+        grace_ms: GRACE,
+        status_file: PathBuf::from(STATUS_FILE_PATH),
+        history_cap,
+        pid: 7,
+        version: "0.0.0-test".into(),
+        started_at: T0,
+    }
+}
+
+fn build_req(workdir: &str) -> BuildRequest {
+    BuildRequest {
+        workdir: workdir.into(),
+        yaml_file: Path::new(workdir).join("lat.yaml"),
+        kind: BuildKind::Genimage,
+    }
+}
+
+/// Feeds events at `now`, learns the ids the machine hands out from its
+/// effects, and checks that every reply answers a request still waiting, so
+/// no test can pass with a request answered twice.
+struct Rig {
+    m: Machine,
+    now: Millis,
+    next_req: u64,
+    /// Requests issued and not answered yet.
+    open: BTreeSet<ReqId>,
+    /// The last build the machine spawned.
+    build_id: Option<u64>,
+    clean_job: Option<JobId>,
+    yaml_job: Option<JobId>,
+}
+
+impl Rig {
+    fn new() -> Rig {
+        Rig::with_machine(Machine::new(
+            config(5),
+            Persisted::default(),
+            T0,
+            "interrupted",
+        ))
+    }
+
+    fn with_machine(m: Machine) -> Rig {
+        Rig {
+            m,
+            now: T0,
+            next_req: 0,
+            open: BTreeSet::new(),
+            build_id: None,
+            clean_job: None,
+            yaml_job: None,
+        }
+    }
+
+    fn kind(&self) -> StateKind {
+        self.m.state().kind()
+    }
+
+    /// The live build's id, or one the machine never issued.
+    fn bid(&self) -> u64 {
+        self.build_id.unwrap_or(STALE)
+    }
+
+    fn new_id(&mut self) -> ReqId {
+        self.next_req += 1;
+        let id = ReqId(self.next_req);
+        self.open.insert(id);
+        id
+    }
+
+    fn req(&mut self, request: Request) -> Event {
+        Event::Request {
+            id: self.new_id(),
+            request,
+        }
+    }
+
+    fn step(&mut self, ev: Event) -> Vec<Effect> {
+        let fx = self.m.step(self.now, ev);
+        for e in &fx {
+            match e {
+                Effect::Reply { id, .. } => {
+                    assert!(
+                        self.open.remove(id),
+                        "reply to {id:?}, which is not waiting: {fx:#?}"
+                    )
+                }
+                Effect::Spawn { build_id, .. } => self.build_id = Some(*build_id),
+                Effect::StartClean { job, .. } => self.clean_job = Some(*job),
+                Effect::StartGetYaml { job, .. } => self.yaml_job = Some(*job),
+                _ => {}
+            }
+        }
+        fx
+    }
+
+    /// Makes an event with `make` (one of the event makers below) and feeds it.
+    fn go(&mut self, make: fn(&mut Rig) -> Event) -> Vec<Effect> {
+        let ev = make(self);
+        self.step(ev)
+    }
+
+    fn ask(&mut self, request: Request) -> (ReqId, Vec<Effect>) {
+        let id = self.new_id();
+        (id, self.step(Event::Request { id, request }))
+    }
+
+    fn last_build(&self) -> BuildRecord {
+        self.m.history().last().expect("a finished build").clone()
+    }
+}
+
+/// The reply to `id` among `fx`; panics unless there is exactly one.
+fn reply_to(fx: &[Effect], id: ReqId) -> Reply {
+    let found: Vec<&Reply> = fx
+        .iter()
+        .filter_map(|e| match e {
+            Effect::Reply { id: i, reply } if *i == id => Some(reply),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(found.len(), 1, "want one reply to {id:?} in {fx:#?}");
+    found[0].clone()
+}
+
+fn has_reply(fx: &[Effect]) -> bool {
+    fx.iter().any(|e| matches!(e, Effect::Reply { .. }))
+}
+
+fn signals(fx: &[Effect]) -> Vec<(u64, Sig)> {
+    fx.iter()
+        .filter_map(|e| match e {
+            Effect::Signal { build_id, sig } => Some((*build_id, *sig)),
+            _ => None,
+        })
+        .collect()
+}
+
+// Event makers: one concrete event of each kind, aimed at the live build or
+// job when there is one (so the row does something), else stale.
+
+fn build(r: &mut Rig) -> Event {
+    r.req(Request::Build(build_req("/w")))
+}
+fn status(r: &mut Rig) -> Event {
+    r.req(Request::Status)
+}
+fn stop(r: &mut Rig) -> Event {
+    r.req(Request::Stop)
+}
+fn logs(r: &mut Rig) -> Event {
+    r.req(Request::Logs {
+        log_file: Ok("/w/log/log.appsdk".into()),
+    })
+}
+fn clean(r: &mut Rig) -> Event {
+    r.req(Request::Clean {
+        workdir: "/w".into(),
+    })
+}
+fn getyaml(r: &mut Rig) -> Event {
+    r.req(Request::GetYaml {
+        workdir: "/w".into(),
+    })
+}
+fn invalid(r: &mut Rig) -> Event {
+    Event::Invalid {
+        id: r.new_id(),
+        action: Some("fly".into()),
+        reason: "unknown action 'fly'".into(),
+    }
+}
+fn spawned(r: &mut Rig) -> Event {
+    Event::Spawned {
+        build_id: r.bid(),
+        process: PROC,
+    }
+}
+fn spawn_failed(r: &mut Rig) -> Event {
+    Event::SpawnFailed {
+        build_id: r.bid(),
+        reason: "appsdk: not found".into(),
+    }
+}
+fn exit0(r: &mut Rig) -> Event {
+    Event::BuildExited {
+        build_id: r.bid(),
+        exit: Exit::Code(0),
+        group_alive: false,
+    }
+}
+/// The leader died of the SIGTERM and took its whole group with it.
+fn term_exit(r: &mut Rig) -> Event {
+    Event::BuildExited {
+        build_id: r.bid(),
+        exit: Exit::Signal(15),
+        group_alive: false,
+    }
+}
+fn group_gone(r: &mut Rig) -> Event {
+    Event::GroupGone { build_id: r.bid() }
+}
+fn clean_ok(r: &mut Rig) -> Event {
+    Event::CleanDone {
+        job: r.clean_job.unwrap_or(JobId(STALE)),
+        result: Ok(()),
+    }
+}
+fn yaml_ok(r: &mut Rig) -> Event {
+    Event::YamlDone {
+        job: r.yaml_job.unwrap_or(JobId(STALE)),
+        result: Ok("/w/exampleyamls/debian-image-base-intel-x86-64.yaml".into()),
+    }
+}
+fn tick(_: &mut Rig) -> Event {
+    Event::Tick
+}
+/// A tick once the stop's grace period is over.
+fn tick_late(r: &mut Rig) -> Event {
+    r.now += GRACE;
+    Event::Tick
+}
+fn shutdown(_: &mut Rig) -> Event {
+    Event::Shutdown
+}
+
+// Machines in each state, driven there by events from a fresh machine.
+
+fn idle() -> Rig {
+    Rig::new()
+}
+/// Building, the spawn not yet reported (the build request waits).
+fn starting() -> Rig {
+    let mut r = idle();
+    r.go(build);
+    assert_eq!(r.kind(), StateKind::Building);
+    r
+}
+/// Building, spawned, the build request answered.
+fn building() -> Rig {
+    let mut r = starting();
+    r.go(spawned);
+    assert!(r.open.is_empty());
+    r
+}
+/// Stopping: SIGTERM sent, one stop request waiting.
+fn stopping() -> Rig {
+    let mut r = building();
+    r.go(stop);
+    assert_eq!(r.kind(), StateKind::Stopping);
+    r
+}
+/// Stopping, the leader reaped, the rest of its group still alive.
+fn stopping_reaped() -> Rig {
+    let mut r = stopping();
+    let fx = r.go(|r| Event::BuildExited {
+        build_id: r.bid(),
+        exit: Exit::Signal(15),
+        group_alive: true,
+    });
+    assert!(fx.is_empty(), "{fx:#?}");
+    r
+}
+fn cleaning() -> Rig {
+    let mut r = idle();
+    r.go(clean);
+    assert_eq!(r.kind(), StateKind::Cleaning);
+    r
+}
+fn with_getyaml(mut r: Rig) -> Rig {
+    r.go(getyaml);
+    assert!(r.yaml_job.is_some());
+    r
+}
+fn idle_yaml() -> Rig {
+    with_getyaml(idle())
+}
+fn building_yaml() -> Rig {
+    with_getyaml(building())
+}
+fn stopping_yaml() -> Rig {
+    with_getyaml(stopping())
+}
+
+// ===========================================================================
+// 1. The transition table
+// ===========================================================================
+
+/// An expected effect, by kind and key fields.
+#[derive(Debug, Clone, Copy)]
+enum W {
+    Persist,
+    Status,
+    Spawn,
+    /// A signal to the build that was live before the step.
+    Signal(Sig),
+    Clean,
+    GetYaml,
+    /// A `succeed` reply echoing this action.
+    Ok(&'static str),
+    /// A `fail` reply echoing this action, its reason containing this text.
+    Fail(&'static str, &'static str),
+    Exit,
+}
+
+// Short names so that each row fits on one line.
+const PERSIST: W = W::Persist;
+/// `WriteStatus`.
+const STATUS: W = W::Status;
+const SPAWN: W = W::Spawn;
+const TERM: W = W::Signal(Sig::Term);
+const KILL: W = W::Signal(Sig::Kill);
+const CLEAN: W = W::Clean;
+const GETYAML: W = W::GetYaml;
+const EXIT: W = W::Exit;
+const fn ok(action: &'static str) -> W {
+    W::Ok(action)
+}
+const fn fail(action: &'static str, why: &'static str) -> W {
+    W::Fail(action, why)
+}
+/// A state change always saves, then writes the status, first.
+const CHANGED: [W; 2] = [PERSIST, STATUS];
+
+fn check(fx: &[Effect], want: &[W], live_build: Option<u64>, ctx: &str) {
+    assert_eq!(fx.len(), want.len(), "{ctx}: got {fx:#?}\nwant {want:?}");
+    for (e, w) in fx.iter().zip(want) {
+        let good = match (w, e) {
+            (W::Persist, Effect::Persist(_)) => true,
+            (W::Status, Effect::WriteStatus(_)) => true,
+            (W::Spawn, Effect::Spawn { .. }) => true,
+            (W::Signal(s), Effect::Signal { build_id, sig }) => {
+                s == sig && Some(*build_id) == live_build
+            }
+            (W::Clean, Effect::StartClean { .. }) => true,
+            (W::GetYaml, Effect::StartGetYaml { .. }) => true,
+            (W::Ok(a), Effect::Reply { reply, .. }) => {
+                reply.action == *a
+                    && reply.result == ReplyResult::Succeed
+                    && reply.fail_reason.is_none()
+            }
+            (W::Fail(a, why), Effect::Reply { reply, .. }) => {
+                reply.action == *a
+                    && reply.result == ReplyResult::Fail
+                    && reply
+                        .fail_reason
+                        .as_deref()
+                        .is_some_and(|r| r.contains(why))
+            }
+            (W::Exit, Effect::Exit) => true,
+            _ => false,
+        };
+        assert!(good, "{ctx}: got {e:#?}, want {w:?}\nall effects: {fx:#?}");
+    }
+}
+
+struct Row {
+    from: StateKind,
+    on: EventKind,
+    /// Builds a machine in `from`.
+    given: fn() -> Rig,
+    /// Makes the event (of kind `on`).
+    event: fn(&mut Rig) -> Event,
+    to: StateKind,
+    want: &'static [W],
+}
+
+const fn row(
+    from: StateKind,
+    on: EventKind,
+    given: fn() -> Rig,
+    event: fn(&mut Rig) -> Event,
+    to: StateKind,
+    want: &'static [W],
+) -> Row {
+    Row {
+        from,
+        on,
+        given,
+        event,
+        to,
+        want,
+    }
+}
+
+use EventKind as E;
+use StateKind as S;
+
+/// The spec. `&[]`: nothing happens (ignored, or the reply waits).
+#[rustfmt::skip]
+const TABLE: &[Row] = &[
+    // from      on              given            event         to           effects
+    row(S::Idle, E::Build,       idle,            build,        S::Building, &[PERSIST, STATUS, SPAWN]),
+    row(S::Idle, E::Status,      idle,            status,       S::Idle,     &[STATUS, ok("status")]),
+    row(S::Idle, E::Stop,        idle,            stop,         S::Idle,     &[ok("stop")]),
+    row(S::Idle, E::Logs,        idle,            logs,         S::Idle,     &[ok("logs")]),
+    row(S::Idle, E::Clean,       idle,            clean,        S::Cleaning, &[PERSIST, STATUS, CLEAN]),
+    row(S::Idle, E::GetYaml,     idle,            getyaml,      S::Idle,     &[GETYAML]),
+    row(S::Idle, E::Invalid,     idle,            invalid,      S::Idle,     &[fail("fly", "unknown action")]),
+    row(S::Idle, E::Spawned,     idle,            spawned,      S::Idle,     &[]),
+    row(S::Idle, E::SpawnFailed, idle,            spawn_failed, S::Idle,     &[]),
+    row(S::Idle, E::BuildExited, idle,            exit0,        S::Idle,     &[]),
+    row(S::Idle, E::GroupGone,   idle,            group_gone,   S::Idle,     &[]),
+    row(S::Idle, E::CleanDone,   idle,            clean_ok,     S::Idle,     &[]),
+    row(S::Idle, E::YamlDone,    idle_yaml,       yaml_ok,      S::Idle,     &[ok("getyaml")]),
+    row(S::Idle, E::Tick,        idle,            tick,         S::Idle,     &[]),
+    row(S::Idle, E::Shutdown,    idle,            shutdown,     S::Idle,     &[EXIT]),
+
+    row(S::Building, E::Build,       building,      build,        S::Building, &[fail("build", "a build is already running")]),
+    row(S::Building, E::Status,      building,      status,       S::Building, &[STATUS, ok("status")]),
+    row(S::Building, E::Stop,        building,      stop,         S::Stopping, &[PERSIST, STATUS, TERM]),
+    row(S::Building, E::Logs,        building,      logs,         S::Building, &[ok("logs")]),
+    row(S::Building, E::Clean,       building,      clean,        S::Building, &[fail("clean", "a build is already running")]),
+    row(S::Building, E::GetYaml,     building,      getyaml,      S::Building, &[GETYAML]),
+    row(S::Building, E::Invalid,     building,      invalid,      S::Building, &[fail("fly", "unknown action")]),
+    row(S::Building, E::Spawned,     starting,      spawned,      S::Building, &[PERSIST, STATUS, ok("build")]),
+    row(S::Building, E::SpawnFailed, starting,      spawn_failed, S::Idle,     &[PERSIST, STATUS, fail("build", "appsdk: not found")]),
+    row(S::Building, E::BuildExited, building,      exit0,        S::Idle,     &[PERSIST, STATUS]),
+    row(S::Building, E::GroupGone,   building,      group_gone,   S::Building, &[]),
+    row(S::Building, E::CleanDone,   building,      clean_ok,     S::Building, &[]),
+    row(S::Building, E::YamlDone,    building_yaml, yaml_ok,      S::Building, &[ok("getyaml")]),
+    row(S::Building, E::Tick,        building,      tick_late,    S::Building, &[]),
+    row(S::Building, E::Shutdown,    building,      shutdown,     S::Stopping, &[PERSIST, STATUS, TERM]),
+
+    row(S::Stopping, E::Build,       stopping,        build,        S::Stopping, &[fail("build", "a build is being stopped")]),
+    row(S::Stopping, E::Status,      stopping,        status,       S::Stopping, &[STATUS, ok("status")]),
+    row(S::Stopping, E::Stop,        stopping,        stop,         S::Stopping, &[]),
+    row(S::Stopping, E::Logs,        stopping,        logs,         S::Stopping, &[ok("logs")]),
+    row(S::Stopping, E::Clean,       stopping,        clean,        S::Stopping, &[fail("clean", "a build is being stopped")]),
+    row(S::Stopping, E::GetYaml,     stopping,        getyaml,      S::Stopping, &[GETYAML]),
+    row(S::Stopping, E::Invalid,     stopping,        invalid,      S::Stopping, &[fail("fly", "unknown action")]),
+    row(S::Stopping, E::Spawned,     stopping,        spawned,      S::Stopping, &[]),
+    row(S::Stopping, E::SpawnFailed, stopping,        spawn_failed, S::Stopping, &[]),
+    row(S::Stopping, E::BuildExited, stopping,        term_exit,    S::Idle,     &[PERSIST, STATUS, ok("stop")]),
+    row(S::Stopping, E::GroupGone,   stopping_reaped, group_gone,   S::Idle,     &[PERSIST, STATUS, ok("stop")]),
+    row(S::Stopping, E::CleanDone,   stopping,        clean_ok,     S::Stopping, &[]),
+    row(S::Stopping, E::YamlDone,    stopping_yaml,   yaml_ok,      S::Stopping, &[ok("getyaml")]),
+    row(S::Stopping, E::Tick,        stopping,        tick_late,    S::Stopping, &[KILL]),
+    row(S::Stopping, E::Shutdown,    stopping,        shutdown,     S::Stopping, &[]),
+
+    row(S::Cleaning, E::Build,       cleaning, build,        S::Cleaning, &[fail("build", "a clean is running")]),
+    row(S::Cleaning, E::Status,      cleaning, status,       S::Cleaning, &[STATUS, ok("status")]),
+    row(S::Cleaning, E::Stop,        cleaning, stop,         S::Cleaning, &[ok("stop")]),
+    row(S::Cleaning, E::Logs,        cleaning, logs,         S::Cleaning, &[ok("logs")]),
+    row(S::Cleaning, E::Clean,       cleaning, clean,        S::Cleaning, &[fail("clean", "a clean is running")]),
+    row(S::Cleaning, E::GetYaml,     cleaning, getyaml,      S::Cleaning, &[fail("getyaml", "a clean is running")]),
+    row(S::Cleaning, E::Invalid,     cleaning, invalid,      S::Cleaning, &[fail("fly", "unknown action")]),
+    row(S::Cleaning, E::Spawned,     cleaning, spawned,      S::Cleaning, &[]),
+    row(S::Cleaning, E::SpawnFailed, cleaning, spawn_failed, S::Cleaning, &[]),
+    row(S::Cleaning, E::BuildExited, cleaning, exit0,        S::Cleaning, &[]),
+    row(S::Cleaning, E::GroupGone,   cleaning, group_gone,   S::Cleaning, &[]),
+    row(S::Cleaning, E::CleanDone,   cleaning, clean_ok,     S::Idle,     &[PERSIST, STATUS, ok("clean")]),
+    // No getyaml can run during a clean, so any YamlDone is stale.
+    row(S::Cleaning, E::YamlDone,    cleaning, yaml_ok,      S::Cleaning, &[]),
+    row(S::Cleaning, E::Tick,        cleaning, tick,         S::Cleaning, &[]),
+    row(S::Cleaning, E::Shutdown,    cleaning, shutdown,     S::Idle,     &[PERSIST, STATUS, fail("clean", "shutting down"), EXIT]),
+];
+
+#[test]
+fn table_covers_every_state_and_event_once() {
+    let mut seen = BTreeSet::new();
+    for r in TABLE {
+        assert!(
+            seen.insert((r.from, r.on)),
+            "two rows for {:?} × {:?}",
+            r.from,
+            r.on
+        );
+    }
+    for s in StateKind::ALL {
+        for e in EventKind::ALL {
+            assert!(seen.contains(&(s, e)), "no row for {:?} × {:?}", s, e);
+        }
+    }
+    assert_eq!(TABLE.len(), StateKind::ALL.len() * EventKind::ALL.len());
+}
+
+#[test]
+fn every_row_of_the_table_holds() {
+    for r in TABLE {
+        let ctx = format!("{} --{}-->", r.from.name(), r.on.name());
+        let mut rig = (r.given)();
+        assert_eq!(
+            rig.kind(),
+            r.from,
+            "{ctx}: the setup reached the wrong state"
+        );
+        let ev = (r.event)(&mut rig);
+        assert_eq!(
+            ev.kind(),
+            r.on,
+            "{ctx}: the event maker made the wrong kind"
+        );
+
+        // The hand-written spec and the code's table agree.
+        let rule = rule(r.from, r.on);
+        assert!(
+            rule.to.contains(&r.to),
+            "{ctx} {}: rule() allows only {:?}",
+            r.to.name(),
+            rule.to
+        );
+
+        let state_before = rig.m.state().clone();
+        let persisted_before = rig.m.persisted();
+        let live = rig.build_id;
+        let fx = rig.step(ev);
+        assert_eq!(rig.kind(), r.to, "{ctx}: effects {fx:#?}");
+        check(&fx, r.want, live, &ctx);
+
+        // An ignored event changes nothing at all.
+        if rule.does == Does::Ignore {
+            assert!(fx.is_empty(), "{ctx}");
+            assert_eq!(
+                rig.m.state(),
+                &state_before,
+                "{ctx}: an ignored event changed the state"
+            );
+            assert_eq!(rig.m.persisted(), persisted_before, "{ctx}");
+        }
+        // Whatever changed state saved first.
+        if r.to != r.from {
+            check(&fx[..2], &CHANGED, live, &ctx);
+        }
+    }
+}
+
+#[test]
+fn rule_lists_the_usual_target_first_and_never_none() {
+    for s in StateKind::ALL {
+        for e in EventKind::ALL {
+            let r = rule(s, e);
+            assert!(!r.to.is_empty(), "{s:?} × {e:?} leads nowhere");
+            if r.does == Does::Ignore {
+                assert_eq!(
+                    r.to,
+                    &[s],
+                    "{s:?} × {e:?}: an ignored event must not change state"
+                );
+            }
+        }
+    }
+}
+
+// ===========================================================================
+// 2. Scenarios
+// ===========================================================================
+
+#[test]
+fn build_that_exits_0_succeeds_and_status_says_idle() {
+    let mut r = Rig::new();
+    let (id, fx) = r.ask(Request::Build(build_req("/w")));
+    assert!(!has_reply(&fx), "the reply waits for the spawn");
+    match &fx[2] {
+        Effect::Spawn { build_id, request } => {
+            assert_eq!(*build_id, 1);
+            assert_eq!(request, &build_req("/w"));
+        }
+        other => panic!("want Spawn, got {other:?}"),
+    }
+    assert_eq!(r.m.status(r.now).build_status, "running");
+
+    let rep = reply_to(&r.go(spawned), id);
+    assert_eq!(rep.result, ReplyResult::Succeed);
+    assert_eq!(rep.build_id, Some(1));
+    assert_eq!(rep.log_file_path, Some(PathBuf::from("/w/log/log.appsdk")));
+    assert_eq!(r.m.current_build().unwrap().process, Some(PROC));
+
+    r.now += 5_000;
+    r.go(exit0);
+    let st = r.m.status(r.now);
+    assert_eq!(
+        (
+            st.lat_status.as_str(),
+            st.build_status.as_str(),
+            st.state.as_str()
+        ),
+        ("idle", "succeed", "idle")
+    );
+    let b = st.build.unwrap();
+    assert_eq!(
+        (b.outcome, b.exit_code, b.fail_reason),
+        (Outcome::Succeeded, Some(0), None)
+    );
+    assert_eq!(b.ended_at, Some(T0 + 5_000));
+}
+
+#[test]
+fn build_exiting_nonzero_fails_with_the_code_in_the_reason() {
+    let mut r = building();
+    r.go(|r| Event::BuildExited {
+        build_id: r.bid(),
+        exit: Exit::Code(3),
+        group_alive: false,
+    });
+    let st = r.m.status(r.now);
+    assert_eq!(
+        (st.lat_status.as_str(), st.build_status.as_str()),
+        ("idle", "fail")
+    );
+    let b = r.last_build();
+    assert_eq!((b.outcome, b.exit_code), (Outcome::Failed, Some(3)));
+    let reason = b.fail_reason.unwrap();
+    assert!(
+        reason.contains("code 3") && reason.contains("/w/log/log.appsdk"),
+        "{reason}"
+    );
+}
+
+#[test]
+fn build_killed_by_a_signal_fails_naming_the_signal() {
+    let mut r = building();
+    r.go(|r| Event::BuildExited {
+        build_id: r.bid(),
+        exit: Exit::Signal(11),
+        group_alive: false,
+    });
+    let b = r.last_build();
+    assert_eq!((b.outcome, b.signal), (Outcome::Failed, Some(11)));
+    assert!(b.fail_reason.unwrap().contains("signal 11"));
+}
+
+#[test]
+fn stop_during_build_terms_and_answers_once_the_group_is_gone() {
+    let mut r = building();
+    let (id, fx) = r.ask(Request::Stop);
+    assert_eq!(signals(&fx), vec![(1, Sig::Term)]);
+    assert!(!has_reply(&fx), "the stop waits for the build to end");
+    assert_eq!(r.m.status(r.now).lat_status, "busy");
+
+    // The leader dies of the TERM; a child lingers.
+    let fx = r.go(|r| Event::BuildExited {
+        build_id: r.bid(),
+        exit: Exit::Signal(15),
+        group_alive: true,
+    });
+    assert!(fx.is_empty(), "{fx:#?}");
+    assert_eq!(r.kind(), StateKind::Stopping);
+
+    let fx = r.go(group_gone);
+    check(&fx, &[PERSIST, STATUS, ok("stop")], Some(1), "group gone");
+    let rep = reply_to(&fx, id);
+    assert_eq!(rep.build_id, Some(1));
+    assert!(rep.message.unwrap().contains("(fail)"));
+    let st = r.m.status(r.now);
+    assert_eq!(
+        (st.lat_status.as_str(), st.build_status.as_str()),
+        ("idle", "fail")
+    );
+    let b = r.last_build();
+    assert_eq!((b.outcome, b.signal), (Outcome::Stopped, Some(15)));
+    assert_eq!(b.fail_reason.as_deref(), Some("stopped by request"));
+}
+
+#[test]
+fn group_gone_before_the_leader_is_reaped_does_not_end_the_stop() {
+    let mut r = stopping();
+    assert!(r.go(group_gone).is_empty());
+    assert_eq!(r.kind(), StateKind::Stopping);
+    r.go(term_exit);
+    assert_eq!(r.kind(), StateKind::Idle);
+    assert!(r.open.is_empty());
+}
+
+#[test]
+fn stop_grace_expiry_kills_only_after_the_deadline() {
+    let mut r = building();
+    let stop_at = r.now;
+    r.go(stop);
+    let deadline = stop_at + GRACE;
+    assert_eq!(r.m.poll_timeout(), Some(deadline));
+
+    r.now = deadline - 1;
+    assert!(r.go(tick).is_empty(), "no kill before the deadline");
+    assert_eq!(r.m.poll_timeout(), Some(deadline));
+
+    r.now = deadline;
+    assert_eq!(signals(&r.go(tick)), vec![(1, Sig::Kill)]);
+    assert_eq!(r.m.poll_timeout(), None, "no more deadline once killed");
+    r.now += GRACE;
+    assert!(r.go(tick).is_empty(), "the kill is sent once");
+
+    r.go(|r| Event::BuildExited {
+        build_id: r.bid(),
+        exit: Exit::Signal(9),
+        group_alive: false,
+    });
+    assert!(r.open.is_empty());
+    let b = r.last_build();
+    assert_eq!(b.outcome, Outcome::Stopped);
+    assert!(b
+        .fail_reason
+        .unwrap()
+        .contains("killed after the grace period"));
+}
+
+#[test]
+fn stop_after_the_build_exited_0_keeps_succeed() {
+    let mut r = building();
+    r.go(exit0);
+    let (id, fx) = r.ask(Request::Stop);
+    let rep = reply_to(&fx, id);
+    assert_eq!(rep.result, ReplyResult::Succeed);
+    assert!(rep.message.unwrap().contains("already ended (succeed)"));
+    assert!(signals(&fx).is_empty());
+    assert_eq!(r.m.status(r.now).build_status, "succeed");
+}
+
+#[test]
+fn stopped_build_whose_leader_exits_0_keeps_succeed() {
+    let mut r = stopping();
+    let waiter = *r.open.iter().next().unwrap();
+    let fx = r.go(exit0);
+    assert!(reply_to(&fx, waiter).message.unwrap().contains("(succeed)"));
+    let b = r.last_build();
+    assert_eq!((b.outcome, b.fail_reason), (Outcome::Succeeded, None));
+    assert_eq!(r.m.status(r.now).build_status, "succeed");
+}
+
+#[test]
+fn leader_exit_with_group_alive_kills_the_stragglers() {
+    let mut r = building();
+    let fx = r.go(|r| Event::BuildExited {
+        build_id: r.bid(),
+        exit: Exit::Code(0),
+        group_alive: true,
+    });
+    check(&fx, &[PERSIST, STATUS, KILL], Some(1), "leader exit");
+    assert_eq!(r.last_build().outcome, Outcome::Succeeded);
+}
+
+#[test]
+fn two_stops_while_stopping_are_both_answered() {
+    let mut r = stopping();
+    let (second, fx) = r.ask(Request::Stop);
+    assert!(fx.is_empty());
+    let first = *r.open.iter().find(|id| **id != second).unwrap();
+    let fx = r.go(term_exit);
+    assert_eq!(reply_to(&fx, first).result, ReplyResult::Succeed);
+    assert_eq!(reply_to(&fx, second).result, ReplyResult::Succeed);
+    assert!(r.open.is_empty());
+}
+
+#[test]
+fn spawn_failure_answers_fail_and_records_the_build_failed() {
+    let mut r = Rig::new();
+    let (id, _) = r.ask(Request::Build(build_req("/w")));
+    let fx = r.go(spawn_failed);
+    let rep = reply_to(&fx, id);
+    assert_eq!((rep.result, rep.build_id), (ReplyResult::Fail, Some(1)));
+    assert!(rep
+        .fail_reason
+        .unwrap()
+        .contains("could not be started: appsdk: not found"));
+    assert_eq!(r.kind(), StateKind::Idle);
+    let b = r.last_build();
+    assert_eq!(b.outcome, Outcome::Failed);
+    assert!(b.fail_reason.unwrap().contains("appsdk: not found"));
+    assert_eq!(r.m.status(r.now).build_status, "fail");
+}
+
+#[test]
+fn clean_failure_names_the_path_and_returns_to_idle() {
+    let mut r = Rig::new();
+    let (id, fx) = r.ask(Request::Clean {
+        workdir: "/w".into(),
+    });
+    assert!(matches!(&fx[2], Effect::StartClean { workdir, .. } if workdir == Path::new("/w")));
+    assert_eq!(r.m.status(r.now).lat_status, "busy");
+    let fx = r.go(|r| Event::CleanDone {
+        job: r.clean_job.unwrap(),
+        result: Err("cannot remove /w/deploy/x.img: Permission denied".into()),
+    });
+    let rep = reply_to(&fx, id);
+    assert_eq!(rep.result, ReplyResult::Fail);
+    assert!(rep.fail_reason.unwrap().contains("/w/deploy/x.img"));
+    assert_eq!(r.kind(), StateKind::Idle);
+}
+
+#[test]
+fn clean_is_refused_while_getyaml_runs() {
+    let mut r = idle_yaml();
+    let (id, fx) = r.ask(Request::Clean {
+        workdir: "/w".into(),
+    });
+    assert!(reply_to(&fx, id)
+        .fail_reason
+        .unwrap()
+        .contains("getyaml is running"));
+    assert_eq!(r.kind(), StateKind::Idle);
+}
+
+#[test]
+fn getyaml_joins_the_same_workdir_and_refuses_another() {
+    let mut r = Rig::new();
+    let (a, fx) = r.ask(Request::GetYaml {
+        workdir: "/w".into(),
+    });
+    assert!(
+        matches!(&fx[..], [Effect::StartGetYaml { workdir, .. }] if workdir == Path::new("/w"))
+    );
+    let (b, fx) = r.ask(Request::GetYaml {
+        workdir: "/w".into(),
+    });
+    assert!(fx.is_empty(), "joins the running job: {fx:#?}");
+    let (c, fx) = r.ask(Request::GetYaml {
+        workdir: "/v".into(),
+    });
+    let refused = reply_to(&fx, c);
+    assert_eq!(refused.result, ReplyResult::Fail);
+    assert!(refused.fail_reason.unwrap().contains("running for /w"));
+
+    let path = PathBuf::from("/w/exampleyamls/debian-image-base-intel-x86-64.yaml");
+    let fx = r.go(yaml_ok);
+    for id in [a, b] {
+        let rep = reply_to(&fx, id);
+        assert_eq!(
+            (rep.result, rep.yaml_file_path),
+            (ReplyResult::Succeed, Some(path.clone()))
+        );
+    }
+    assert!(r.open.is_empty());
+}
+
+#[test]
+fn getyaml_failure_is_reported() {
+    let mut r = idle_yaml();
+    let fx = r.go(|r| Event::YamlDone {
+        job: r.yaml_job.unwrap(),
+        result: Err("appsdk exampleyamls exited with code 2".into()),
+    });
+    check(&fx, &[fail("getyaml", "code 2")], None, "yaml done");
+}
+
+#[test]
+fn status_writes_the_document_then_answers_with_its_path() {
+    let mut r = building();
+    let (id, fx) = r.ask(Request::Status);
+    match &fx[0] {
+        Effect::WriteStatus(doc) => assert_eq!(doc, &r.m.status(r.now)),
+        other => panic!("want WriteStatus first, got {other:?}"),
+    }
+    let rep = reply_to(&fx, id);
+    assert_eq!(rep.status_file, Some(PathBuf::from(STATUS_FILE_PATH)));
+    assert_eq!(rep.build_id, Some(1));
+}
+
+#[test]
+fn logs_without_a_log_fails_with_the_drivers_reason() {
+    let mut r = Rig::new();
+    let (id, fx) = r.ask(Request::Logs {
+        log_file: Err("No log file found".into()),
+    });
+    check(&fx, &[fail("logs", "No log file found")], None, "logs");
+    let (id2, fx) = r.ask(Request::Logs {
+        log_file: Ok("/w/log/log.appsdk".into()),
+    });
+    assert_eq!(
+        reply_to(&fx, id2).log_file_path,
+        Some(PathBuf::from("/w/log/log.appsdk"))
+    );
+    assert_ne!(id, id2);
+}
+
+#[test]
+fn invalid_request_without_an_action_is_answered() {
+    let mut r = Rig::new();
+    let id = r.new_id();
+    let fx = r.step(Event::Invalid {
+        id,
+        action: None,
+        reason: "request is not valid YAML".into(),
+    });
+    let rep = reply_to(&fx, id);
+    assert_eq!((rep.action.as_str(), rep.result), ("", ReplyResult::Fail));
+}
+
+#[test]
+fn shutdown_while_building_stops_then_exits_once_the_group_is_gone() {
+    let mut r = building();
+    let fx = r.go(shutdown);
+    check(&fx, &[PERSIST, STATUS, TERM], Some(1), "shutdown");
+    assert!(!r.m.has_exited());
+    // A stop arriving meanwhile waits with the shutdown.
+    let (id, fx) = r.ask(Request::Stop);
+    assert!(fx.is_empty());
+    let fx = r.go(|r| Event::BuildExited {
+        build_id: r.bid(),
+        exit: Exit::Signal(15),
+        group_alive: true,
+    });
+    assert!(fx.is_empty());
+    let fx = r.go(group_gone);
+    check(
+        &fx,
+        &[PERSIST, STATUS, ok("stop"), EXIT],
+        Some(1),
+        "group gone",
+    );
+    assert_eq!(reply_to(&fx, id).build_id, Some(1));
+    assert!(r.m.has_exited());
+    assert!(r.last_build().fail_reason.unwrap().contains("shut down"));
+}
+
+#[test]
+fn shutdown_while_idle_exits_at_once_answering_getyaml_waiters() {
+    let mut r = Rig::new();
+    check(&r.go(shutdown), &[EXIT], None, "idle");
+    assert!(r.m.has_exited());
+
+    let mut r = idle_yaml();
+    check(
+        &r.go(shutdown),
+        &[fail("getyaml", "shutting down"), EXIT],
+        None,
+        "idle with getyaml",
+    );
+    assert!(r.open.is_empty());
+}
+
+#[test]
+fn shutdown_while_cleaning_answers_the_clean_then_exits() {
+    let mut r = cleaning();
+    let fx = r.go(shutdown);
+    check(
+        &fx,
+        &[PERSIST, STATUS, fail("clean", "interrupted"), EXIT],
+        None,
+        "cleaning",
+    );
+    assert!(r.open.is_empty());
+    assert_eq!(r.kind(), StateKind::Idle);
+}
+
+#[test]
+fn after_exit_requests_get_a_fail_reply_and_nothing_else_happens() {
+    let mut r = Rig::new();
+    r.go(shutdown);
+    let requests: [(fn(&mut Rig) -> Event, &'static str); 7] = [
+        (build, "build"),
+        (status, "status"),
+        (stop, "stop"),
+        (logs, "logs"),
+        (clean, "clean"),
+        (getyaml, "getyaml"),
+        (invalid, "fly"),
+    ];
+    for (make, action) in requests {
+        let fx = r.go(make);
+        check(&fx, &[fail(action, "shutting down")], None, action);
+    }
+    for make in [
+        spawned,
+        spawn_failed,
+        exit0,
+        group_gone,
+        clean_ok,
+        yaml_ok,
+        tick,
+        shutdown,
+    ] {
+        assert!(r.go(make).is_empty());
+    }
+    assert!(r.open.is_empty());
+}
+
+#[test]
+fn restart_records_the_interrupted_build_failed() {
+    let running = BuildRecord {
+        id: 7,
+        workdir: "/w".into(),
+        yaml_file: "/w/lat.yaml".into(),
+        kind: BuildKind::Geninitramfs,
+        log_file: "/w/log/log.appsdk".into(),
+        started_at: T0 - 60_000,
+        ended_at: None,
+        outcome: Outcome::Running,
+        exit_code: None,
+        signal: None,
+        fail_reason: None,
+        process: Some(PROC),
+    };
+    let persisted = Persisted {
+        next_build_id: 8,
+        current: Some(running),
+        history: Vec::new(),
+    };
+    let m = Machine::new(
+        config(5),
+        persisted,
+        T0,
+        "latd restarted while the build ran",
+    );
+    assert_eq!(m.state(), &State::Idle);
+    let st = m.status(T0);
+    assert_eq!(
+        (st.lat_status.as_str(), st.build_status.as_str()),
+        ("idle", "fail")
+    );
+    let b = st.build.unwrap();
+    assert_eq!(
+        (b.id, b.outcome, b.ended_at),
+        (7, Outcome::Failed, Some(T0))
+    );
+    assert_eq!(
+        b.fail_reason.as_deref(),
+        Some("latd restarted while the build ran")
+    );
+    assert_eq!(m.persisted().current, None);
+
+    // The next build gets a new id.
+    let mut r = Rig::with_machine(m);
+    r.go(build);
+    assert_eq!(r.build_id, Some(8));
+}
+
+#[test]
+fn restart_never_reuses_a_build_id_from_history() {
+    let old = BuildRecord {
+        id: 41,
+        workdir: "/w".into(),
+        yaml_file: "/w/lat.yaml".into(),
+        kind: BuildKind::Genimage,
+        log_file: "/w/log/log.appsdk".into(),
+        started_at: T0,
+        ended_at: Some(T0),
+        outcome: Outcome::Succeeded,
+        exit_code: Some(0),
+        signal: None,
+        fail_reason: None,
+        process: None,
+    };
+    let persisted = Persisted {
+        next_build_id: 0,
+        current: None,
+        history: vec![old],
+    };
+    let mut r = Rig::with_machine(Machine::new(config(5), persisted, T0, "x"));
+    assert_eq!(r.m.status(T0).build_status, "succeed");
+    r.go(build);
+    assert_eq!(r.build_id, Some(42));
+}
+
+#[test]
+fn history_is_capped_newest_last() {
+    let mut r = Rig::with_machine(Machine::new(config(3), Persisted::default(), T0, "x"));
+    for _ in 0..5 {
+        r.go(build);
+        r.go(spawned);
+        r.go(exit0);
+    }
+    let ids: Vec<u64> = r.m.history().map(|b| b.id).collect();
+    assert_eq!(ids, vec![3, 4, 5]);
+    assert_eq!(r.m.persisted().history.len(), 3);
+}
+
+#[test]
+fn persist_and_status_come_before_the_reply_when_the_state_changes() {
+    let mut r = starting();
+    let fx = r.go(spawned);
+    match &fx[..] {
+        [Effect::Persist(p), Effect::WriteStatus(_), Effect::Reply { .. }] => {
+            assert_eq!(p, &r.m.persisted());
+            assert_eq!(p.current.as_ref().unwrap().process, Some(PROC));
+        }
+        other => panic!("want Persist, WriteStatus, Reply; got {other:#?}"),
+    }
+    let mut r = stopping();
+    let fx = r.go(term_exit);
+    assert!(
+        matches!(
+            &fx[..],
+            [
+                Effect::Persist(_),
+                Effect::WriteStatus(_),
+                Effect::Reply { .. }
+            ]
+        ),
+        "{fx:#?}"
+    );
+}
+
+#[test]
+fn stale_events_change_nothing() {
+    let stale_events = [
+        Event::Spawned {
+            build_id: STALE,
+            process: PROC,
+        },
+        Event::SpawnFailed {
+            build_id: STALE,
+            reason: "x".into(),
+        },
+        Event::BuildExited {
+            build_id: STALE,
+            exit: Exit::Code(1),
+            group_alive: true,
+        },
+        Event::GroupGone { build_id: STALE },
+        Event::CleanDone {
+            job: JobId(STALE),
+            result: Err("x".into()),
+        },
+        Event::YamlDone {
+            job: JobId(STALE),
+            result: Err("x".into()),
+        },
+        Event::Tick,
+    ];
+    for given in [
+        idle,
+        starting,
+        building,
+        stopping,
+        stopping_reaped,
+        cleaning,
+        idle_yaml,
+        building_yaml,
+    ] {
+        for ev in &stale_events {
+            let mut r = given();
+            let before = (r.m.state().clone(), r.m.persisted(), r.m.poll_timeout());
+            let fx = r.step(ev.clone());
+            assert!(fx.is_empty(), "{ev:?} in {:?}: {fx:#?}", before.0);
+            assert_eq!(
+                (r.m.state().clone(), r.m.persisted(), r.m.poll_timeout()),
+                before,
+                "{ev:?}"
+            );
+        }
+    }
+}
+
+#[test]
+fn an_old_builds_exit_does_not_end_the_new_one() {
+    let mut r = building();
+    r.go(exit0);
+    r.go(build);
+    r.go(spawned);
+    assert_eq!(r.build_id, Some(2));
+    for ev in [
+        Event::BuildExited {
+            build_id: 1,
+            exit: Exit::Code(1),
+            group_alive: false,
+        },
+        Event::GroupGone { build_id: 1 },
+        Event::Spawned {
+            build_id: 1,
+            process: PROC,
+        },
+    ] {
+        assert!(r.step(ev).is_empty());
+    }
+    assert_eq!(r.m.current_build().unwrap().id, 2);
+    assert_eq!(r.m.status(r.now).build_status, "running");
+}
+
+/// FINDING in src/machine.rs (`Does::BuildEnded`, row Building × BuildExited):
+/// when the leader exits with `group_alive`, the machine sends SIGKILL and
+/// goes Idle at once, without waiting for `GroupGone` (the stop path does
+/// wait). Until then status says idle and a new build (or a clean that
+/// removes the tree the old processes still write) starts beside the old
+/// build's surviving processes. Run with `--ignored` to see it fail.
+#[test]
+#[ignore = "finding: Building × BuildExited{group_alive} goes Idle before the group is gone"]
+fn no_new_build_while_the_last_builds_group_is_alive() {
+    let mut r = building();
+    r.go(|r| Event::BuildExited {
+        build_id: r.bid(),
+        exit: Exit::Code(0),
+        group_alive: true,
+    });
+    // SIGKILL is on its way; nothing has reported build 1's group gone.
+    let fx = r.go(build);
+    assert!(
+        !fx.iter().any(|e| matches!(e, Effect::Spawn { .. })),
+        "build 2 spawned while build 1's group is alive: {fx:#?}"
+    );
+}
+
+// ===========================================================================
+// 3. Properties over random runs against a simulated world
+// ===========================================================================
+//
+// The world keeps the driver's calling rule: a Spawn is answered by Spawned
+// (or SpawnFailed) as the very next event; everything else (a build's exit,
+// its group going, a clean or getyaml finishing) happens later, when the
+// random run says so. Randomness the world needs inside one step comes from
+// a per-action seed, so that a failing run shrinks and replays.
+
+/// A client request.
+#[derive(Debug, Clone)]
+enum Ask {
+    Build(u8, bool),
+    Status,
+    Stop,
+    Logs(bool),
+    Clean(u8),
+    GetYaml(u8),
+    Invalid(bool),
+}
+
+/// One thing that happens in the world.
+#[derive(Debug, Clone)]
+enum Act {
+    Ask(Ask),
+    /// Deliver one outcome that is due (process events in order; jobs in any order).
+    Deliver(Index),
+    /// The running build's leader exits by itself, maybe leaving children.
+    LeaderExits {
+        code: i32,
+        leave_group: bool,
+    },
+    /// Children left by an exited leader die by themselves.
+    GroupDies,
+    /// Time passes, then a Tick.
+    Wait(u64),
+    /// An event about an old build or an unknown job.
+    Stale(u8),
+    Shutdown,
+}
+
+/// A spawned build as the world sees it.
+#[derive(Debug)]
+struct SimBuild {
+    id: u64,
+    /// Truth: the leader process is running.
+    leader: bool,
+    /// Truth: other processes of its group are running.
+    others: bool,
+    leader_ignores_term: bool,
+    others_ignore_term: bool,
+    /// The machine was told the leader exited.
+    exit_told: bool,
+    /// The machine was told nothing of its group remains.
+    gone_told: bool,
+    kill_sent: bool,
+    /// When SIGKILL may follow the SIGTERM.
+    deadline: Option<Millis>,
+}
+
+impl SimBuild {
+    /// Still running as far as anyone knows, and not yet sent SIGKILL. (A
+    /// killed group is let through: see the finding above.)
+    fn blocks_new_work(&self) -> bool {
+        !self.gone_told && !self.kill_sent
+    }
+}
+
+struct World {
+    m: Machine,
+    now: Millis,
+    rng: u64,
+    builds: Vec<SimBuild>,
+    /// Process outcomes, in the order they happened.
+    procq: VecDeque<Event>,
+    /// Finished background jobs, deliverable in any order.
+    jobs: Vec<Event>,
+    /// Clean / getyaml jobs started and not yet reported done.
+    cleans: BTreeSet<u64>,
+    yamls: BTreeSet<u64>,
+    next_req: u64,
+    open: BTreeSet<ReqId>,
+    exited: bool,
+}
+
+fn current_build_id(s: &State) -> Option<u64> {
+    match s {
+        State::Building { build, .. } | State::Stopping { build, .. } => Some(build.id),
+        State::Idle | State::Cleaning { .. } => None,
+    }
+}
+
+fn request_id(ev: &Event) -> Option<ReqId> {
+    match ev {
+        Event::Request { id, .. } | Event::Invalid { id, .. } => Some(*id),
+        _ => None,
+    }
+}
+
+/// What status reports matches the state.
+fn check_status(m: &Machine, now: Millis) {
+    let kind = m.state().kind();
+    let st = m.status(now);
+    assert_eq!(st.state, kind.name());
+    assert_eq!(st.lat_status == "idle", kind == StateKind::Idle, "{st:?}");
+    assert!(["idle", "busy"].contains(&st.lat_status.as_str()), "{st:?}");
+    assert_eq!(
+        st.build_status == "running",
+        matches!(kind, StateKind::Building | StateKind::Stopping),
+        "{st:?}"
+    );
+    assert!(["not-started", "running", "succeed", "fail"].contains(&st.build_status.as_str()));
+    assert_eq!(
+        st.build.as_ref().map(|b| b.id),
+        m.current_build().map(|b| b.id)
+    );
+}
+
+impl World {
+    fn new() -> World {
+        World {
+            m: Machine::new(config(4), Persisted::default(), T0, "interrupted"),
+            now: T0,
+            rng: 1,
+            builds: Vec::new(),
+            procq: VecDeque::new(),
+            jobs: Vec::new(),
+            cleans: BTreeSet::new(),
+            yamls: BTreeSet::new(),
+            next_req: 0,
+            open: BTreeSet::new(),
+            exited: false,
+        }
+    }
+
+    /// xorshift: a number below `n`.
+    fn roll(&mut self, n: u64) -> u64 {
+        self.rng ^= self.rng << 13;
+        self.rng ^= self.rng >> 7;
+        self.rng ^= self.rng << 17;
+        self.rng % n
+    }
+
+    fn sim(&mut self, id: u64) -> &mut SimBuild {
+        self.builds
+            .iter_mut()
+            .find(|b| b.id == id)
+            .unwrap_or_else(|| panic!("build {id} was never spawned"))
+    }
+
+    fn act(&mut self, act: Act) {
+        match act {
+            Act::Ask(ask) => {
+                let ev = self.request(ask);
+                self.step(ev);
+            }
+            Act::Deliver(pick) => {
+                self.deliver(Some(pick));
+            }
+            Act::LeaderExits { code, leave_group } => {
+                if let Some(b) = self.builds.iter_mut().find(|b| b.leader) {
+                    b.leader = false;
+                    b.others &= leave_group;
+                    let ev = Event::BuildExited {
+                        build_id: b.id,
+                        exit: Exit::Code(code),
+                        group_alive: b.others,
+                    };
+                    self.procq.push_back(ev);
+                }
+            }
+            Act::GroupDies => {
+                if let Some(b) = self.builds.iter_mut().find(|b| !b.leader && b.others) {
+                    b.others = false;
+                    let ev = Event::GroupGone { build_id: b.id };
+                    self.procq.push_back(ev);
+                }
+            }
+            Act::Wait(ms) => {
+                self.now += ms;
+                self.step(Event::Tick);
+            }
+            Act::Stale(k) => self.stale(k),
+            Act::Shutdown => self.step(Event::Shutdown),
+        }
+    }
+
+    fn request(&mut self, ask: Ask) -> Event {
+        self.next_req += 1;
+        let id = ReqId(self.next_req);
+        self.open.insert(id);
+        let wd = |n: u8| PathBuf::from(format!("/w{n}"));
+        let request = match ask {
+            Ask::Build(n, initramfs) => Request::Build(BuildRequest {
+                workdir: wd(n),
+                yaml_file: wd(n).join("lat.yaml"),
+                kind: if initramfs {
+                    BuildKind::Geninitramfs
+                } else {
+                    BuildKind::Genimage
+                },
+            }),
+            Ask::Status => Request::Status,
+            Ask::Stop => Request::Stop,
+            Ask::Logs(found) => Request::Logs {
+                log_file: if found {
+                    Ok("/w0/log/log.appsdk".into())
+                } else {
+                    Err("No log file found".into())
+                },
+            },
+            Ask::Clean(n) => Request::Clean { workdir: wd(n) },
+            Ask::GetYaml(n) => Request::GetYaml { workdir: wd(n) },
+            Ask::Invalid(known) => {
+                return Event::Invalid {
+                    id,
+                    action: known.then(|| "fly".to_string()),
+                    reason: "unknown action 'fly'".into(),
+                }
+            }
+        };
+        Event::Request { id, request }
+    }
+
+    /// Delivers one due outcome; false if none is due.
+    fn deliver(&mut self, pick: Option<Index>) -> bool {
+        let n = self.jobs.len() + usize::from(!self.procq.is_empty());
+        if n == 0 {
+            return false;
+        }
+        let i = pick.map_or(self.jobs.len(), |p| p.index(n));
+        let ev = if i < self.jobs.len() {
+            self.jobs.remove(i)
+        } else {
+            self.procq.pop_front().unwrap()
+        };
+        match &ev {
+            Event::BuildExited {
+                build_id,
+                group_alive,
+                ..
+            } => {
+                let alive = *group_alive;
+                let b = self.sim(*build_id);
+                b.exit_told = true;
+                b.gone_told |= !alive;
+            }
+            Event::GroupGone { build_id } => self.sim(*build_id).gone_told = true,
+            Event::CleanDone { job, .. } => {
+                self.cleans.remove(&job.0);
+            }
+            Event::YamlDone { job, .. } => {
+                self.yamls.remove(&job.0);
+            }
+            _ => unreachable!(),
+        }
+        self.step(ev);
+        true
+    }
+
+    /// Feeds an event about an old build or an unknown job: nothing may change.
+    fn stale(&mut self, k: u8) {
+        let current = current_build_id(self.m.state());
+        let old = self
+            .builds
+            .iter()
+            .map(|b| b.id)
+            .filter(|id| Some(*id) != current)
+            .last()
+            .unwrap_or(STALE);
+        let job = JobId(STALE);
+        let ev = match k % 6 {
+            0 => Event::Spawned {
+                build_id: old,
+                process: PROC,
+            },
+            1 => Event::SpawnFailed {
+                build_id: old,
+                reason: "stale".into(),
+            },
+            2 => Event::BuildExited {
+                build_id: old,
+                exit: Exit::Code(1),
+                group_alive: false,
+            },
+            3 => Event::GroupGone { build_id: old },
+            4 => Event::CleanDone {
+                job,
+                result: Ok(()),
+            },
+            _ => Event::YamlDone {
+                job,
+                result: Err("stale".into()),
+            },
+        };
+        let before = (
+            self.m.state().clone(),
+            self.m.persisted(),
+            self.m.poll_timeout(),
+        );
+        let fx = self.m.step(self.now, ev.clone());
+        assert!(fx.is_empty(), "stale {ev:?} did {fx:#?}");
+        let after = (
+            self.m.state().clone(),
+            self.m.persisted(),
+            self.m.poll_timeout(),
+        );
+        assert_eq!(after, before, "stale {ev:?} changed the machine");
+    }
+
+    /// One step, every invariant checked, then the effects performed.
+    fn step(&mut self, ev: Event) {
+        let from = self.m.state().kind();
+        let live = current_build_id(self.m.state());
+        let kind = ev.kind();
+        let asked = request_id(&ev);
+        let was_exited = self.exited;
+        let ctx = format!("{ev:?} in {} at +{}ms", from.name(), self.now - T0);
+        let fx = self.m.step(self.now, ev.clone());
+        let to = self.m.state().kind();
+        let ctx = format!("{ctx} -> {}: {fx:#?}", to.name());
+
+        // After Exit: only fail replies, one per request.
+        if was_exited {
+            assert_eq!(fx.len(), usize::from(asked.is_some()), "{ctx}");
+            assert!(
+                fx.iter()
+                    .all(|e| matches!(e, Effect::Reply { reply, .. } if reply.result == ReplyResult::Fail)),
+                "{ctx}"
+            );
+        }
+
+        assert!(rule(from, kind).to.contains(&to), "{ctx}: not in rule()");
+        check_status(&self.m, self.now);
+
+        // A change of state saves first, then writes the status.
+        if to != from {
+            assert!(
+                matches!(&fx[..], [Effect::Persist(_), Effect::WriteStatus(_), ..]),
+                "{ctx}: state changed without Persist, WriteStatus first"
+            );
+        }
+
+        let mut next = None;
+        for (i, e) in fx.iter().enumerate() {
+            match e {
+                Effect::Persist(p) => {
+                    assert_eq!(i, 0, "{ctx}: Persist must come first");
+                    assert_eq!(p, &self.m.persisted(), "{ctx}");
+                }
+                Effect::WriteStatus(doc) => {
+                    assert_eq!(doc, &self.m.status(self.now), "{ctx}");
+                }
+                Effect::Reply { id, reply } => {
+                    assert!(
+                        self.open.remove(id),
+                        "{ctx}: {id:?} answered twice or never asked"
+                    );
+                    assert!(
+                        (reply.result == ReplyResult::Fail) == reply.fail_reason.is_some(),
+                        "{ctx}: fail iff a reason"
+                    );
+                }
+                Effect::Spawn { build_id, .. } => {
+                    assert!(from == StateKind::Idle && kind == EventKind::Build, "{ctx}");
+                    assert_eq!(Some(*build_id), current_build_id(self.m.state()), "{ctx}");
+                    assert!(
+                        !self.builds.iter().any(SimBuild::blocks_new_work),
+                        "{ctx}: a second build while {:?} is alive",
+                        self.builds
+                    );
+                    assert!(
+                        self.builds.iter().all(|b| b.id != *build_id),
+                        "{ctx}: build id reused"
+                    );
+                    let ok = self.roll(8) != 0;
+                    let (leader_ignores_term, others_ignore_term) =
+                        (self.roll(4) == 0, self.roll(3) == 0);
+                    self.builds.push(SimBuild {
+                        id: *build_id,
+                        leader: ok,
+                        others: ok,
+                        leader_ignores_term,
+                        others_ignore_term,
+                        exit_told: !ok,
+                        gone_told: !ok,
+                        kill_sent: false,
+                        deadline: None,
+                    });
+                    // The calling rule: the spawn's outcome is the next event.
+                    next = Some(if ok {
+                        Event::Spawned {
+                            build_id: *build_id,
+                            process: PROC,
+                        }
+                    } else {
+                        Event::SpawnFailed {
+                            build_id: *build_id,
+                            reason: "fork failed".into(),
+                        }
+                    });
+                }
+                Effect::Signal { build_id, sig } => {
+                    let straggler_kill = from == StateKind::Building
+                        && kind == EventKind::BuildExited
+                        && to == StateKind::Idle
+                        && *sig == Sig::Kill;
+                    assert!(
+                        matches!(to, StateKind::Building | StateKind::Stopping) || straggler_kill,
+                        "{ctx}: signal on the way to {to:?}"
+                    );
+                    assert!(
+                        matches!(from, StateKind::Building | StateKind::Stopping),
+                        "{ctx}"
+                    );
+                    assert_eq!(
+                        Some(*build_id),
+                        live,
+                        "{ctx}: signal to a build that is not live"
+                    );
+                    let now = self.now;
+                    let b = self.sim(*build_id);
+                    assert!(
+                        !b.gone_told,
+                        "{ctx}: signal to a group known gone (its pgid may be reused)"
+                    );
+                    if *sig == Sig::Kill {
+                        let due =
+                            from == StateKind::Stopping && b.deadline.is_some_and(|d| now >= d);
+                        assert!(b.exit_told || due, "{ctx}: SIGKILL before the deadline");
+                    }
+                    self.signal(*build_id, *sig);
+                }
+                Effect::StartClean { job, workdir } => {
+                    assert!(
+                        from == StateKind::Idle && to == StateKind::Cleaning,
+                        "{ctx}"
+                    );
+                    assert!(
+                        self.cleans.is_empty() && self.yamls.is_empty(),
+                        "{ctx}: clean beside a job"
+                    );
+                    assert!(
+                        !self.builds.iter().any(SimBuild::blocks_new_work),
+                        "{ctx}: clean beside a build"
+                    );
+                    self.cleans.insert(job.0);
+                    let result = if self.roll(4) == 0 {
+                        Err(format!(
+                            "cannot remove {}/deploy: Permission denied",
+                            workdir.display()
+                        ))
+                    } else {
+                        Ok(())
+                    };
+                    self.jobs.push(Event::CleanDone { job: *job, result });
+                }
+                Effect::StartGetYaml { job, workdir } => {
+                    assert_eq!(kind, EventKind::GetYaml, "{ctx}");
+                    assert!(
+                        self.cleans.is_empty() && self.yamls.is_empty(),
+                        "{ctx}: getyaml beside a job"
+                    );
+                    self.yamls.insert(job.0);
+                    let result = if self.roll(4) == 0 {
+                        Err("appsdk exampleyamls exited with code 1".to_string())
+                    } else {
+                        Ok(workdir.join("exampleyamls/debian-image-base-intel-x86-64.yaml"))
+                    };
+                    self.jobs.push(Event::YamlDone { job: *job, result });
+                }
+                Effect::Exit => {
+                    assert_eq!(i, fx.len() - 1, "{ctx}: Exit must come last");
+                    assert!(!was_exited, "{ctx}: Exit twice");
+                    self.exited = true;
+                }
+            }
+        }
+        assert_eq!(self.m.has_exited(), self.exited, "{ctx}");
+
+        // The deadline: set when the stop begins, announced by poll_timeout
+        // until the kill is sent.
+        if from == StateKind::Building && to == StateKind::Stopping {
+            let d = self.now + GRACE;
+            self.sim(live.unwrap()).deadline = Some(d);
+        }
+        match self.m.state() {
+            State::Stopping {
+                build,
+                deadline,
+                killed,
+                ..
+            } => {
+                let d = *deadline;
+                let want = if *killed { None } else { Some(d) };
+                let id = build.id;
+                assert_eq!(self.m.poll_timeout(), want, "{ctx}");
+                assert_eq!(self.sim(id).deadline, Some(d), "{ctx}");
+            }
+            _ => assert_eq!(self.m.poll_timeout(), None, "{ctx}"),
+        }
+
+        if let Some(ev) = next {
+            self.step(ev);
+        }
+    }
+
+    /// What a signal does to a simulated build.
+    fn signal(&mut self, id: u64, sig: Sig) {
+        let term_exit = match self.roll(6) {
+            0 => Exit::Code(0), // appsdk was finishing anyway
+            1 => Exit::Code(1),
+            _ => Exit::Signal(15),
+        };
+        let b = self.sim(id);
+        let mut out = None;
+        match sig {
+            Sig::Term => {
+                let leader_dies = b.leader && !b.leader_ignores_term;
+                let others_die = b.others && !b.others_ignore_term;
+                b.others &= !others_die;
+                if leader_dies {
+                    b.leader = false;
+                    out = Some(Event::BuildExited {
+                        build_id: id,
+                        exit: term_exit,
+                        group_alive: b.others,
+                    });
+                } else if others_die && !b.leader {
+                    out = Some(Event::GroupGone { build_id: id });
+                }
+            }
+            Sig::Kill => {
+                b.kill_sent = true;
+                if b.leader {
+                    out = Some(Event::BuildExited {
+                        build_id: id,
+                        exit: Exit::Signal(9),
+                        group_alive: false,
+                    });
+                } else if b.others {
+                    out = Some(Event::GroupGone { build_id: id });
+                }
+                b.leader = false;
+                b.others = false;
+            }
+        }
+        self.procq.extend(out);
+    }
+
+    /// Lets everything finish: deliver all outcomes, pass every deadline, let
+    /// running builds end. Then every request must have had its answer.
+    fn drain(&mut self) {
+        for _ in 0..10_000 {
+            if self.deliver(None) {
+                continue;
+            }
+            if let Some(t) = self.m.poll_timeout() {
+                self.now = self.now.max(t);
+                self.step(Event::Tick);
+                continue;
+            }
+            if let Some(b) = self.builds.iter_mut().find(|b| b.leader) {
+                b.leader = false;
+                b.others = false;
+                let ev = Event::BuildExited {
+                    build_id: b.id,
+                    exit: Exit::Code(0),
+                    group_alive: false,
+                };
+                self.procq.push_back(ev);
+                continue;
+            }
+            if let Some(b) = self.builds.iter_mut().find(|b| b.others) {
+                b.others = false;
+                let ev = Event::GroupGone { build_id: b.id };
+                self.procq.push_back(ev);
+                continue;
+            }
+            assert!(self.open.is_empty(), "never answered: {:?}", self.open);
+            assert!(self.builds.iter().all(|b| b.gone_told), "{:?}", self.builds);
+            assert!(
+                self.exited || self.m.state() == &State::Idle,
+                "{:?}",
+                self.m.state()
+            );
+            return;
+        }
+        panic!("the run did not settle");
+    }
+}
+
+fn ask_strategy() -> impl Strategy<Value = Ask> {
+    prop_oneof![
+        3 => (0u8..2, any::<bool>()).prop_map(|(w, i)| Ask::Build(w, i)),
+        2 => Just(Ask::Status),
+        3 => Just(Ask::Stop),
+        1 => any::<bool>().prop_map(Ask::Logs),
+        2 => (0u8..2).prop_map(Ask::Clean),
+        2 => (0u8..2).prop_map(Ask::GetYaml),
+        1 => any::<bool>().prop_map(Ask::Invalid),
+    ]
+}
+
+fn act_strategy() -> impl Strategy<Value = Act> {
+    prop_oneof![
+        50 => ask_strategy().prop_map(Act::Ask),
+        50 => any::<Index>().prop_map(Act::Deliver),
+        15 => (prop_oneof![Just(0), Just(1), 2..256i32], any::<bool>())
+            .prop_map(|(code, leave_group)| Act::LeaderExits { code, leave_group }),
+        8 => Just(Act::GroupDies),
+        20 => prop_oneof![3 => 1..2_000u64, 1 => 2_000..3 * GRACE].prop_map(Act::Wait),
+        8 => any::<u8>().prop_map(Act::Stale),
+        // Rare: about one run in four shuts down somewhere.
+        1 => Just(Act::Shutdown),
+    ]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig {
+        cases: 256,
+        failure_persistence: None,
+        ..ProptestConfig::default()
+    })]
+
+    /// Random runs keep every invariant, step by step and once drained.
+    #[test]
+    fn random_runs_keep_the_invariants(
+        acts in prop::collection::vec((act_strategy(), any::<u64>()), 0..60)
+    ) {
+        let mut w = World::new();
+        check_status(&w.m, w.now);
+        for (act, seed) in acts {
+            w.rng = seed | 1;
+            w.act(act);
+        }
+        w.drain();
+    }
+}
+
+// ===========================================================================
+// 4. The request parser never panics
+// ===========================================================================
+
+/// Pieces that make YAML-ish text, near and far from a valid request.
+const FRAGMENTS: &[&str] = &[
+    "action",
+    "workdir",
+    "yaml_file",
+    ": ",
+    ":",
+    " ",
+    "\n",
+    "\t",
+    "build",
+    "status",
+    "stop",
+    "logs",
+    "clean",
+    "getyaml",
+    "fly",
+    "/localdisk",
+    "/localdisk/lat.yaml",
+    "- ",
+    "[",
+    "]",
+    "{",
+    "}",
+    ", ",
+    "&a ",
+    "*a",
+    "!!binary ",
+    "!tag ",
+    "'",
+    "\"",
+    "# c",
+    "---\n",
+    "...\n",
+    "~",
+    "null",
+    "3",
+    "-1.5e9",
+    "? ",
+    "| \n",
+    "> \n",
+    "%YAML 1.2\n",
+    "<<: ",
+    "\u{feff}",
+    "é",
+    "\u{0}",
+    "\\",
+    "true",
+    "\r\n",
+];
+
+fn yamlish() -> impl Strategy<Value = String> {
+    prop::collection::vec(prop::sample::select(FRAGMENTS), 0..40).prop_map(|v| v.concat())
+}
+
+fn check_parse(bytes: &[u8]) -> Result<(), TestCaseError> {
+    match parse_request(bytes) {
+        Ok(r) => {
+            prop_assert!(Action::ALL.contains(&r.action));
+            prop_assert_eq!(Action::parse(r.action.as_str()), Some(r.action));
+            // What parses, re-renders to the same request (as latc writes it).
+            if let Some(wd) = &r.workdir {
+                let text = render_request(r.action, wd, r.yaml_file.as_deref());
+                prop_assert_eq!(parse_request(text.as_bytes()).ok(), Some(r.clone()));
+            }
+        }
+        Err(e) => prop_assert!(!e.reason.is_empty()),
+    }
+    Ok(())
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig {
+        cases: 512,
+        failure_persistence: None,
+        ..ProptestConfig::default()
+    })]
+
+    #[test]
+    fn parse_request_never_panics_on_bytes(bytes in prop::collection::vec(any::<u8>(), 0..256)) {
+        check_parse(&bytes)?;
+    }
+
+    #[test]
+    fn parse_request_never_panics_on_yamlish_text(text in yamlish()) {
+        check_parse(text.as_bytes())?;
+    }
+
+    #[test]
+    fn parse_request_never_panics_after_a_valid_start(text in yamlish(), action in prop::sample::select(&Action::ALL[..])) {
+        let msg = format!("action: {}\n{text}", action.as_str());
+        check_parse(msg.as_bytes())?;
+    }
+}
+
+#[test]
+fn parse_request_survives_deep_nesting_and_alias_bombs() {
+    for text in [
+        "[".repeat(100_000),
+        "{a: ".repeat(50_000),
+        "- ".repeat(50_000),
+        // Each level doubles the one before: 2^30 nodes if expanded naively.
+        (0..30).fold(String::from("a0: &a0 [x, x]\n"), |mut s, i| {
+            s.push_str(&format!("a{}: &a{} [*a{i}, *a{i}]\n", i + 1, i + 1));
+            s
+        }) + "action: status\n",
+    ] {
+        let _ = parse_request(text.as_bytes());
+    }
+}
