@@ -367,7 +367,13 @@ impl Daemon {
         match effect {
             Effect::Reply { id, reply } => {
                 let slot = self.slots.remove(&id).unwrap_or(Slot::Legacy);
-                log::info!(
+                let level = if reply.action == "status" && reply.fail_reason.is_none() {
+                    log::Level::Debug
+                } else {
+                    log::Level::Info
+                };
+                log::log!(
+                    level,
                     "{} {} -> {:?}{}",
                     slot,
                     reply.action,

@@ -5,7 +5,9 @@
 use crate::machine::{rule, Does, EventKind, StateKind};
 use std::collections::BTreeMap;
 
-/// Edges that change state or do something, grouped by (from, to).
+/// Edges grouped by (from, to). A state change is labelled
+/// `event / what it does`; a self-loop lists just the events it takes, to
+/// keep the picture readable (transitions.md has every cell).
 fn edges() -> BTreeMap<(StateKind, StateKind), Vec<String>> {
     let mut edges: BTreeMap<(StateKind, StateKind), Vec<String>> = BTreeMap::new();
     for from in StateKind::ALL {
@@ -15,15 +17,24 @@ fn edges() -> BTreeMap<(StateKind, StateKind), Vec<String>> {
                 continue;
             }
             for &to in r.to {
-                edges.entry((from, to)).or_default().push(format!(
-                    "{} / {}",
-                    event.name(),
-                    does_label(r.does)
-                ));
+                let label = if to == from {
+                    event.name().to_string()
+                } else {
+                    format!("{} / {}", event.name(), does_label(r.does))
+                };
+                edges.entry((from, to)).or_default().push(label);
             }
         }
     }
     edges
+}
+
+fn join_labels(from: StateKind, to: StateKind, labels: &[String], sep: &str) -> String {
+    if from == to {
+        labels.join(", ")
+    } else {
+        labels.join(sep)
+    }
 }
 
 fn does_label(d: Does) -> String {
@@ -55,7 +66,7 @@ pub fn mermaid() -> String {
             "    {} --> {}: {}\n",
             from.name(),
             to.name(),
-            labels.join("<br/>")
+            join_labels(from, to, &labels, "<br/>")
         ));
     }
     out
@@ -72,7 +83,7 @@ pub fn dot() -> String {
             "    {} -> {} [label=\"{}\"];\n",
             from.name(),
             to.name(),
-            labels.join("\\n")
+            join_labels(from, to, &labels, "\\n")
         ));
     }
     out.push_str("}\n");

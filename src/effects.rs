@@ -192,7 +192,12 @@ impl Processes {
         else {
             return;
         };
-        log::info!("build {build_id}: sending {sig:?} to process group {pgid}");
+        let name = if sig == Sig::Term {
+            "SIGTERM"
+        } else {
+            "SIGKILL"
+        };
+        log::info!("build {build_id}: sending {name} to process group {pgid}");
         // SAFETY: killpg has no memory effects.
         unsafe {
             libc::killpg(pgid, signo);

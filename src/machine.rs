@@ -1119,7 +1119,12 @@ impl Machine {
         };
         build.finish(now, exit, outcome, reason);
         let build_id = build.id;
-        let msg = format!("build {build_id} ended ({})", build.build_status());
+        let msg = match build.outcome {
+            Outcome::Succeeded => {
+                format!("build {build_id} had already succeeded; its result is kept")
+            }
+            _ => format!("build {build_id} stopped"),
+        };
         for id in waiters {
             let mut reply = Reply::succeed("stop").with_message(msg.clone());
             reply.build_id = Some(build_id);
