@@ -576,6 +576,9 @@ pub struct Machine {
     history: VecDeque<BuildRecord>,
     getyaml: Option<YamlJob>,
     exited: bool,
+    /// Set by a handler that changed what [`Machine::persisted`] returns
+    /// without changing the state kind (a state change always persists).
+    dirty: bool,
 }
 
 impl Machine {
@@ -601,6 +604,7 @@ impl Machine {
             history,
             getyaml: None,
             exited: false,
+            dirty: false,
         };
         m.trim_history();
         m
@@ -691,7 +695,7 @@ impl Machine {
         }
         let from = self.state.kind();
         let rule = rule(from, event.kind());
-        let before = self.persisted();
+        self.dirty = false;
         self.run(rule.does, now, event, &mut fx);
         let to = self.state.kind();
         debug_assert!(
@@ -699,7 +703,7 @@ impl Machine {
             "{from:?} --{:?}--> {to:?} is not in the table",
             rule.does
         );
-        if to != from || self.persisted() != before {
+        if to != from || self.dirty {
             let persisted = self.persisted();
             // Persist before anything the other side may act on.
             fx.insert(0, Effect::WriteStatus(self.status(now)));
@@ -788,6 +792,7 @@ impl Machine {
                 if let State::Building { build, starting } = &mut self.state {
                     if build.id == build_id {
                         build.process = Some(process);
+                        self.dirty = true;
                         if let Some(id) = starting.take() {
                             let reply = Reply {
                                 log_file_path: Some(build.log_file.clone()),

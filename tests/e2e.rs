@@ -464,3 +464,61 @@ fn latc_without_daemon_fails_fast_naming_the_channel() {
     );
     assert_eq!(env.latc(&["health"]).status.code(), Some(3));
 }
+
+#[test]
+fn wait_shows_progress_on_a_terminal_and_plain_lines_otherwise() {
+    let env = TestEnv::new("progress");
+    let _d = env.daemon();
+    let yaml = env.yaml("lat.yaml", "standin_duration: 1.5\nstandin_log_lines: 6");
+    assert!(env.latc(&["build", "--file", yaml.to_str().unwrap()]).status.success());
+    // On a terminal (script(1) gives latc a pty): elapsed time and the
+    // latest log line, redrawn in place.
+    let cmd = format!("{LATC} wait");
+    let o = std::process::Command::new("script")
+        .args(["-qec", &cmd, "/dev/null"])
+        .env("WORKSPACE_DIR", &env.ws)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .ok();
+    let Some(o) = o else {
+        eprintln!("SKIPPED the terminal half: script(1) is not available");
+        return;
+    };
+    let text = stdout(&o);
+    assert_eq!(o.status.code(), Some(0), "{text}");
+    assert!(text.contains("\r\x1b[K[build 1 running"), "no progress line: {text:?}");
+    assert!(text.contains("s] "), "no elapsed time: {text:?}");
+    assert!(text.contains("build 1 succeeded"), "{text:?}");
+    // Not on a terminal: no control characters at all.
+    let o = env.latc(&["wait"]);
+    assert_eq!(o.status.code(), Some(0));
+    assert!(!stderr(&o).contains('\x1b'), "{:?}", stderr(&o));
+    assert!(stderr(&o).contains("build 1 succeeded"));
+}
+
+#[test]
+fn logs_follow_streams_until_the_build_ends_and_history_survives_restarts() {
+    let env = TestEnv::new("follow");
+    let yaml = env.yaml("lat.yaml", "standin_duration: 0.8\nstandin_log_lines: 8");
+    {
+        let _d = env.daemon();
+        // An older log is replaced by the new build's.
+        fs::create_dir_all(env.ws.join("log")).unwrap();
+        fs::write(env.ws.join("log/log.appsdk"), "OLD BUILD LINE\n").unwrap();
+        assert!(env.latc(&["build", "--file", yaml.to_str().unwrap()]).status.success());
+        let o = env.latc(&["logs", "--follow"]);
+        assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+        let out = stdout(&o);
+        assert!(!out.contains("OLD BUILD LINE"), "{out}");
+        assert!(out.trim_end().ends_with("DEBUG: Deploy ovmf.qcow2"), "{out}");
+        assert_eq!(out.matches("(8/8)").count(), 1, "a line was repeated: {out}");
+    }
+    let _d = env.daemon();
+    let o = env.latc(&["history", "--json"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let h: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(h.as_array().unwrap().len(), 1);
+    assert_eq!(h[0]["outcome"], "succeeded");
+    let o = env.latc(&["history"]);
+    assert!(stdout(&o).contains("succeeded"), "{}", stdout(&o));
+}
