@@ -395,7 +395,9 @@ pub enum Does {
     BuildStarted,
     /// The spawn failed: answer and record the failure.
     BuildNotStarted,
-    /// The build ended by itself: record its result.
+    /// The build ended by itself: record its result, or, if processes of
+    /// its group remain, SIGKILL them and wait (in Stopping) until they
+    /// are gone, so no new build or clean starts beside them.
     BuildEnded,
     /// The stopped build's leader ended: wait for its group.
     StoppedLeaderExited,
@@ -462,8 +464,13 @@ pub fn rule(state: StateKind, event: EventKind) -> Rule {
         (S::Stopping, E::Build) => rule_to(STOPPING, Refuse(STOP_RUNNING)),
         (S::Cleaning, E::Build) => rule_to(CLEANING, Refuse(CLEAN_RUNNING)),
         (S::Building, E::Spawned) => rule_to(BUILDING, BuildStarted),
-        (S::Building, E::SpawnFailed) => rule_to(IDLE, BuildNotStarted),
-        (S::Building, E::BuildExited) => rule_to(IDLE, BuildEnded),
+        // (The current state is listed too: an outcome about another
+        // build id is stale and changes nothing.)
+        (S::Building, E::SpawnFailed) => rule_to(&[StateKind::Idle, StateKind::Building], BuildNotStarted),
+        (S::Building, E::BuildExited) => rule_to(
+            &[StateKind::Idle, StateKind::Stopping, StateKind::Building],
+            BuildEnded,
+        ),
         (S::Idle | S::Cleaning | S::Stopping, E::Spawned | E::SpawnFailed) => {
             rule_to(state_slice(state), Ignore)
         }
@@ -489,7 +496,7 @@ pub fn rule(state: StateKind, event: EventKind) -> Rule {
         (S::Building, E::Clean) => rule_to(BUILDING, Refuse(BUILD_RUNNING)),
         (S::Stopping, E::Clean) => rule_to(STOPPING, Refuse(STOP_RUNNING)),
         (S::Cleaning, E::Clean) => rule_to(CLEANING, Refuse(CLEAN_RUNNING)),
-        (S::Cleaning, E::CleanDone) => rule_to(IDLE, CleanFinished),
+        (S::Cleaning, E::CleanDone) => rule_to(&[StateKind::Idle, StateKind::Cleaning], CleanFinished),
         (S::Idle | S::Building | S::Stopping, E::CleanDone) => rule_to(state_slice(state), Ignore),
 
         // getyaml runs beside a build, but not while a clean removes its output
@@ -539,6 +546,9 @@ pub enum State {
         waiters: Vec<ReqId>,
         /// Whether the daemon exits afterwards.
         then_exit: bool,
+        /// Whether a stop was asked for (by a client or a shutdown); if
+        /// not, the build ended by itself and only its leftovers are killed.
+        requested: bool,
     },
     Cleaning {
         job: JobId,
@@ -844,32 +854,28 @@ impl Machine {
                             ),
                         });
                     }
-                    let mut build = build.clone();
-                    let (outcome, reason) = match exit {
-                        Exit::Code(0) => (Outcome::Succeeded, None),
-                        Exit::Code(c) => (
-                            Outcome::Failed,
-                            Some(format!(
-                                "appsdk exited with code {c}; see {}",
-                                build.log_file.display()
-                            )),
-                        ),
-                        Exit::Signal(s) => (
-                            Outcome::Failed,
-                            Some(format!(
-                                "appsdk was killed by signal {s}; see {}",
-                                build.log_file.display()
-                            )),
-                        ),
-                    };
-                    build.finish(now, Some(exit), outcome, reason);
                     if group_alive {
-                        // The leader is done; nothing of its group may outlive it.
+                        // The leader is done; nothing of its group may
+                        // outlive it, nor run beside the next build.
                         fx.push(Effect::Signal {
                             build_id,
                             sig: Sig::Kill,
                         });
+                        let build = build.clone();
+                        self.state = State::Stopping {
+                            build,
+                            deadline: now,
+                            killed: true,
+                            exit: Some(exit),
+                            waiters: Vec::new(),
+                            then_exit: false,
+                            requested: false,
+                        };
+                        return;
                     }
+                    let mut build = build.clone();
+                    let (outcome, reason) = natural_outcome(exit, &build.log_file);
+                    build.finish(now, Some(exit), outcome, reason);
                     self.finish_build(build);
                 }
             }
@@ -899,8 +905,14 @@ impl Machine {
                 }
             }
             (Does::ShutdownWhenStopped, Event::Shutdown) => {
-                if let State::Stopping { then_exit, .. } = &mut self.state {
+                if let State::Stopping {
+                    then_exit,
+                    requested,
+                    ..
+                } = &mut self.state
+                {
                     *then_exit = true;
+                    *requested = true;
                 }
             }
             (
@@ -1090,6 +1102,7 @@ impl Machine {
                 exit: None,
                 waiters,
                 then_exit,
+                requested: true,
             };
         }
     }
@@ -1101,6 +1114,7 @@ impl Machine {
             waiters,
             then_exit,
             killed,
+            requested,
             ..
         } = std::mem::replace(&mut self.state, State::Idle)
         else {
@@ -1111,6 +1125,7 @@ impl Machine {
         // stop right after the success line, while appsdk is exiting).
         let (outcome, reason) = match exit {
             Some(Exit::Code(0)) => (Outcome::Succeeded, None),
+            Some(e) if !requested => natural_outcome(e, &build.log_file),
             _ => (
                 Outcome::Stopped,
                 Some(if then_exit {
@@ -1163,6 +1178,21 @@ impl Machine {
         while self.history.len() > self.config.history_cap.max(1) {
             self.history.pop_front();
         }
+    }
+}
+
+/// The outcome of a build that ended by itself.
+fn natural_outcome(exit: Exit, log: &std::path::Path) -> (Outcome, Option<String>) {
+    match exit {
+        Exit::Code(0) => (Outcome::Succeeded, None),
+        Exit::Code(c) => (
+            Outcome::Failed,
+            Some(format!("appsdk exited with code {c}; see {}", log.display())),
+        ),
+        Exit::Signal(sig) => (
+            Outcome::Failed,
+            Some(format!("appsdk was killed by signal {sig}; see {}", log.display())),
+        ),
     }
 }
 

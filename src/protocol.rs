@@ -98,6 +98,27 @@ impl Invalid {
     }
 }
 
+/// Deeper YAML is refused before parsing: the parser's time grows with
+/// the square of the depth, and no request or image YAML needs more.
+pub const MAX_NESTING: usize = 64;
+
+/// The deepest nesting of flow collections (`[`, `{`) in `bytes`, ignoring
+/// quoting: a cheap upper bound, computed before the real parse.
+pub fn nesting_depth(bytes: &[u8]) -> usize {
+    let (mut depth, mut max) = (0usize, 0usize);
+    for &b in bytes {
+        match b {
+            b'[' | b'{' => {
+                depth += 1;
+                max = max.max(depth);
+            }
+            b']' | b'}' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    max
+}
+
 const ACTIONS_HINT: &str = "one of: build, status, stop, logs, clean, getyaml";
 
 /// Parses a request message. Never panics, whatever the bytes.
@@ -109,6 +130,12 @@ pub fn parse_request(bytes: &[u8]) -> Result<RawRequest, Invalid> {
                 "request is larger than {} bytes; a request is a small YAML mapping",
                 MAX_MESSAGE_BYTES
             ),
+        ));
+    }
+    if nesting_depth(bytes) > MAX_NESTING {
+        return Err(Invalid::new(
+            None,
+            format!("request nests deeper than {MAX_NESTING} levels; a request is a flat YAML mapping"),
         ));
     }
     let text = std::str::from_utf8(bytes).map_err(|e| {

@@ -59,9 +59,17 @@ fn workdir(given: Option<&str>, root: &Path) -> Result<PathBuf, String> {
     }
     let real = path
         .canonicalize()
-        .map_err(|e| format!("workdir {given} cannot be used: {e}"))?;
+        .map_err(|e| {
+            format!(
+                "workdir {given} cannot be used: {e}; send an existing directory under {}",
+                root.display()
+            )
+        })?;
     if !real.is_dir() {
-        return Err(format!("workdir {given} is not a directory"));
+        return Err(format!(
+            "workdir {given} is not a directory; send an existing directory under {}",
+            root.display()
+        ));
     }
     inside_root(&real, root, "workdir", given)?;
     Ok(real)
@@ -76,14 +84,23 @@ fn yaml_file(given: Option<&str>, root: &Path) -> Result<PathBuf, String> {
     };
     let path = Path::new(given);
     if !path.is_absolute() {
-        return Err(format!("yaml_file '{given}' is not an absolute path"));
+        return Err(format!(
+            "yaml_file '{given}' is not an absolute path; send the absolute path of the image YAML under {} (latc build --file PATH does)",
+            root.display()
+        ));
     }
     let real = path
         .canonicalize()
-        .map_err(|e| format!("yaml_file {given} cannot be used: {e}"))?;
+        .map_err(|e| {
+            format!(
+                "yaml_file {given} cannot be used: {e}; give an existing image YAML (latc build --file PATH)"
+            )
+        })?;
     inside_root(&real, root, "yaml_file", given)?;
     if !real.is_file() {
-        return Err(format!("yaml_file {given} is not a regular file"));
+        return Err(format!(
+            "yaml_file {given} is not a regular file; give an image YAML file (latc build --file PATH)"
+        ));
     }
     Ok(real)
 }
@@ -108,18 +125,35 @@ fn inside_root(real: &Path, root: &Path, what: &str, given: &str) -> Result<(), 
 /// `image_type` that mentions initramfs selects `geninitramfs`.
 fn build_kind(yaml: &Path) -> Result<BuildKind, String> {
     let (bytes, too_long, _) = crate::fsutil::read_capped(yaml, 16 * MAX_MESSAGE_BYTES)
-        .map_err(|e| format!("yaml_file {} cannot be read: {e}", yaml.display()))?;
+        .map_err(|e| {
+            format!(
+                "yaml_file {} cannot be read: {e}; make it readable by latd",
+                yaml.display()
+            )
+        })?;
     if too_long {
         return Err(format!(
-            "yaml_file {} is larger than 16 MiB",
+            "yaml_file {} is larger than 16 MiB; an image YAML is a small text file",
             yaml.display()
         ));
     }
+    if crate::protocol::nesting_depth(&bytes) > crate::protocol::MAX_NESTING {
+        return Err(format!(
+            "yaml_file {} nests deeper than {} levels",
+            yaml.display(),
+            crate::protocol::MAX_NESTING
+        ));
+    }
     let doc: serde_yaml::Value = serde_yaml::from_slice(&bytes)
-        .map_err(|e| format!("yaml_file {} is not valid YAML: {e}", yaml.display()))?;
+        .map_err(|e| {
+            format!(
+                "yaml_file {} is not valid YAML: {e}; fix it ('latc getyaml' writes an example)",
+                yaml.display()
+            )
+        })?;
     let Some(map) = doc.as_mapping() else {
         return Err(format!(
-            "yaml_file {} is not a YAML mapping",
+            "yaml_file {} is not a YAML mapping; an image YAML maps keys to values ('latc getyaml' writes an example)",
             yaml.display()
         ));
     };
