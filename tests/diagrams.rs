@@ -44,3 +44,17 @@ fn diagram_has_every_state_and_no_ignored_edge() {
     }
     assert!(!m.contains("ignore"), "ignored events are not drawn");
 }
+
+#[test]
+fn readme_shows_the_current_diagram() {
+    let readme = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("README.md")).unwrap();
+    let body: String = latd::diagram::mermaid()
+        .lines()
+        .filter(|l| !l.starts_with("%%"))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    assert!(
+        readme.contains(&format!("```mermaid\n{body}```")),
+        "README.md's mermaid block differs from the generated diagram; paste state-diagrams/machine.mmd (without its comment line) into it:\n{body}"
+    );
+}
