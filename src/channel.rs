@@ -153,8 +153,37 @@ impl Channel {
         }
     }
 
+    /// Removes the requests that were handled while the channel could not
+    /// be written (read-only, full): once it can, they must not stay
+    /// behind, to be answered a second time by the next daemon. A file
+    /// that was replaced since is a new request and is left alone.
+    fn remove_handled(&mut self) {
+        if self.handled.is_empty() {
+            return;
+        }
+        let dir = self.dir.clone();
+        self.handled.retain(|key| {
+            let path = dir.join(&key.0);
+            match fs::symlink_metadata(&path) {
+                Ok(md) if (md.ino(), md.mtime(), md.mtime_nsec()) == (key.1, key.2, key.3) => {
+                    match fsutil::remove_if_present(&path) {
+                        Ok(()) => {
+                            log::info!("removed {}, handled earlier", key.0);
+                            false
+                        }
+                        Err(_) => true,
+                    }
+                }
+                // Replaced by a new request.
+                Ok(_) => false,
+                Err(e) => e.kind() != io::ErrorKind::NotFound,
+            }
+        });
+    }
+
     /// Lists the channel and reads every complete request in it.
     pub fn scan(&mut self) -> io::Result<Vec<Incoming>> {
+        self.remove_handled();
         let mut legacy = false;
         let mut named = Vec::new();
         let entries = match fs::read_dir(&self.dir) {

@@ -466,7 +466,9 @@ pub fn rule(state: StateKind, event: EventKind) -> Rule {
         (S::Building, E::Spawned) => rule_to(BUILDING, BuildStarted),
         // (The current state is listed too: an outcome about another
         // build id is stale and changes nothing.)
-        (S::Building, E::SpawnFailed) => rule_to(&[StateKind::Idle, StateKind::Building], BuildNotStarted),
+        (S::Building, E::SpawnFailed) => {
+            rule_to(&[StateKind::Idle, StateKind::Building], BuildNotStarted)
+        }
         (S::Building, E::BuildExited) => rule_to(
             &[StateKind::Idle, StateKind::Stopping, StateKind::Building],
             BuildEnded,
@@ -496,7 +498,9 @@ pub fn rule(state: StateKind, event: EventKind) -> Rule {
         (S::Building, E::Clean) => rule_to(BUILDING, Refuse(BUILD_RUNNING)),
         (S::Stopping, E::Clean) => rule_to(STOPPING, Refuse(STOP_RUNNING)),
         (S::Cleaning, E::Clean) => rule_to(CLEANING, Refuse(CLEAN_RUNNING)),
-        (S::Cleaning, E::CleanDone) => rule_to(&[StateKind::Idle, StateKind::Cleaning], CleanFinished),
+        (S::Cleaning, E::CleanDone) => {
+            rule_to(&[StateKind::Idle, StateKind::Cleaning], CleanFinished)
+        }
         (S::Idle | S::Building | S::Stopping, E::CleanDone) => rule_to(state_slice(state), Ignore),
 
         // getyaml runs beside a build, but not while a clean removes its output
@@ -668,6 +672,7 @@ impl Machine {
                 .map_or("not-started", |b| b.build_status())
                 .into(),
             state: kind.name().into(),
+            build_duration_ms: build.as_ref().map(|b| b.duration_ms(now)),
             build,
             daemon_pid: self.config.pid,
             version: self.config.version.clone(),
@@ -1187,11 +1192,17 @@ fn natural_outcome(exit: Exit, log: &std::path::Path) -> (Outcome, Option<String
         Exit::Code(0) => (Outcome::Succeeded, None),
         Exit::Code(c) => (
             Outcome::Failed,
-            Some(format!("appsdk exited with code {c}; see {}", log.display())),
+            Some(format!(
+                "appsdk exited with code {c}; see {}",
+                log.display()
+            )),
         ),
         Exit::Signal(sig) => (
             Outcome::Failed,
-            Some(format!("appsdk was killed by signal {sig}; see {}", log.display())),
+            Some(format!(
+                "appsdk was killed by signal {sig}; see {}",
+                log.display()
+            )),
         ),
     }
 }

@@ -135,7 +135,9 @@ pub fn parse_request(bytes: &[u8]) -> Result<RawRequest, Invalid> {
     if nesting_depth(bytes) > MAX_NESTING {
         return Err(Invalid::new(
             None,
-            format!("request nests deeper than {MAX_NESTING} levels; a request is a flat YAML mapping"),
+            format!(
+                "request nests deeper than {MAX_NESTING} levels; a request is a flat YAML mapping"
+            ),
         ));
     }
     let text = std::str::from_utf8(bytes).map_err(|e| {
@@ -299,6 +301,9 @@ pub struct StatusDoc {
     pub state: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub build: Option<crate::machine::BuildRecord>,
+    /// How long the build ran, or has run so far.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub build_duration_ms: Option<u64>,
     pub daemon_pid: u32,
     pub version: String,
     pub started_at: u64,

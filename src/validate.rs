@@ -57,14 +57,12 @@ fn workdir(given: Option<&str>, root: &Path) -> Result<PathBuf, String> {
             root.display()
         ));
     }
-    let real = path
-        .canonicalize()
-        .map_err(|e| {
-            format!(
-                "workdir {given} cannot be used: {e}; send an existing directory under {}",
-                root.display()
-            )
-        })?;
+    let real = path.canonicalize().map_err(|e| {
+        format!(
+            "workdir {given} cannot be used: {e}; send an existing directory under {}",
+            root.display()
+        )
+    })?;
     if !real.is_dir() {
         return Err(format!(
             "workdir {given} is not a directory; send an existing directory under {}",
@@ -124,8 +122,8 @@ fn inside_root(real: &Path, root: &Path, what: &str, given: &str) -> Result<(), 
 /// Reads the image YAML: it must be a readable YAML mapping; an
 /// `image_type` that mentions initramfs selects `geninitramfs`.
 fn build_kind(yaml: &Path) -> Result<BuildKind, String> {
-    let (bytes, too_long, _) = crate::fsutil::read_capped(yaml, 16 * MAX_MESSAGE_BYTES)
-        .map_err(|e| {
+    let (bytes, too_long, _) =
+        crate::fsutil::read_capped(yaml, 16 * MAX_MESSAGE_BYTES).map_err(|e| {
             format!(
                 "yaml_file {} cannot be read: {e}; make it readable by latd",
                 yaml.display()
@@ -144,13 +142,12 @@ fn build_kind(yaml: &Path) -> Result<BuildKind, String> {
             crate::protocol::MAX_NESTING
         ));
     }
-    let doc: serde_yaml::Value = serde_yaml::from_slice(&bytes)
-        .map_err(|e| {
-            format!(
-                "yaml_file {} is not valid YAML: {e}; fix it ('latc getyaml' writes an example)",
-                yaml.display()
-            )
-        })?;
+    let doc: serde_yaml::Value = serde_yaml::from_slice(&bytes).map_err(|e| {
+        format!(
+            "yaml_file {} is not valid YAML: {e}; fix it ('latc getyaml' writes an example)",
+            yaml.display()
+        )
+    })?;
     let Some(map) = doc.as_mapping() else {
         return Err(format!(
             "yaml_file {} is not a YAML mapping; an image YAML maps keys to values ('latc getyaml' writes an example)",

@@ -470,7 +470,10 @@ fn wait_shows_progress_on_a_terminal_and_plain_lines_otherwise() {
     let env = TestEnv::new("progress");
     let _d = env.daemon();
     let yaml = env.yaml("lat.yaml", "standin_duration: 1.5\nstandin_log_lines: 6");
-    assert!(env.latc(&["build", "--file", yaml.to_str().unwrap()]).status.success());
+    assert!(env
+        .latc(&["build", "--file", yaml.to_str().unwrap()])
+        .status
+        .success());
     // On a terminal (script(1) gives latc a pty): elapsed time and the
     // latest log line, redrawn in place.
     let cmd = format!("{LATC} wait");
@@ -486,7 +489,10 @@ fn wait_shows_progress_on_a_terminal_and_plain_lines_otherwise() {
     };
     let text = stdout(&o);
     assert_eq!(o.status.code(), Some(0), "{text}");
-    assert!(text.contains("\r\x1b[K[build 1 running"), "no progress line: {text:?}");
+    assert!(
+        text.contains("\r\x1b[K[build 1 running"),
+        "no progress line: {text:?}"
+    );
     assert!(text.contains("s] "), "no elapsed time: {text:?}");
     assert!(text.contains("build 1 succeeded"), "{text:?}");
     // Not on a terminal: no control characters at all.
@@ -505,13 +511,23 @@ fn logs_follow_streams_until_the_build_ends_and_history_survives_restarts() {
         // An older log is replaced by the new build's.
         fs::create_dir_all(env.ws.join("log")).unwrap();
         fs::write(env.ws.join("log/log.appsdk"), "OLD BUILD LINE\n").unwrap();
-        assert!(env.latc(&["build", "--file", yaml.to_str().unwrap()]).status.success());
+        assert!(env
+            .latc(&["build", "--file", yaml.to_str().unwrap()])
+            .status
+            .success());
         let o = env.latc(&["logs", "--follow"]);
         assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
         let out = stdout(&o);
         assert!(!out.contains("OLD BUILD LINE"), "{out}");
-        assert!(out.trim_end().ends_with("DEBUG: Deploy ovmf.qcow2"), "{out}");
-        assert_eq!(out.matches("(8/8)").count(), 1, "a line was repeated: {out}");
+        assert!(
+            out.trim_end().ends_with("DEBUG: Deploy ovmf.qcow2"),
+            "{out}"
+        );
+        assert_eq!(
+            out.matches("(8/8)").count(),
+            1,
+            "a line was repeated: {out}"
+        );
     }
     let _d = env.daemon();
     let o = env.latc(&["history", "--json"]);
@@ -521,4 +537,102 @@ fn logs_follow_streams_until_the_build_ends_and_history_survives_restarts() {
     assert_eq!(h[0]["outcome"], "succeeded");
     let o = env.latc(&["history"]);
     assert!(stdout(&o).contains("succeeded"), "{}", stdout(&o));
+}
+
+#[test]
+fn status_json_tells_everything_about_the_build_and_daemon() {
+    let env = TestEnv::new("json");
+    let d = env.daemon();
+    let yaml = env.yaml("lat.yaml", "standin_duration: 0.3\nstandin_result: fail");
+    assert_eq!(
+        env.latc(&["build", "--file", yaml.to_str().unwrap(), "--wait"])
+            .status
+            .code(),
+        Some(1)
+    );
+    let s = env.status_json();
+    assert_eq!(s["lat_status"], "idle");
+    assert_eq!(s["build_status"], "fail");
+    assert_eq!(s["state"], "idle");
+    assert_eq!(s["daemon_pid"], d.pid());
+    assert_eq!(s["version"], env!("CARGO_PKG_VERSION"));
+    assert!(s["uptime_s"].is_u64());
+    let b = &s["build"];
+    assert_eq!(b["id"], 1);
+    assert_eq!(b["yaml_file"], yaml.to_str().unwrap());
+    assert_eq!(b["outcome"], "failed");
+    assert_eq!(b["exit_code"], 2);
+    assert!(b["fail_reason"]
+        .as_str()
+        .unwrap()
+        .contains("exited with code 2"));
+    let (start, end) = (
+        b["started_at"].as_u64().unwrap(),
+        b["ended_at"].as_u64().unwrap(),
+    );
+    assert!(end >= start);
+    assert_eq!(s["build_duration_ms"].as_u64().unwrap(), end - start);
+}
+
+#[test]
+fn ctrl_c_detaches_or_stops_as_asked() {
+    let env = TestEnv::new("ctrlc");
+    let _d = env.daemon();
+    let yaml = env.yaml("lat.yaml", "standin_duration: 60");
+    let start_waiting = |extra: &[&str]| {
+        let child = env
+            .latc_cmd()
+            .args(["build", "--file", yaml.to_str().unwrap(), "--wait"])
+            .args(extra)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        env.wait_workers();
+        // SAFETY: kill has no memory effects.
+        unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+        child.wait_with_output().unwrap()
+    };
+    let o = start_waiting(&[]);
+    assert_eq!(o.status.code(), Some(130), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("latc stop"),
+        "says how to stop: {}",
+        stderr(&o)
+    );
+    assert_eq!(
+        env.status_json()["state"],
+        "building",
+        "detaching left the build running"
+    );
+    assert!(env.latc(&["stop"]).status.success());
+    fs::remove_file(env.ws.join("log/log.appsdk")).unwrap();
+    let o = start_waiting(&["--stop-on-interrupt"]);
+    assert_eq!(o.status.code(), Some(4), "{}", stderr(&o));
+    assert_eq!(env.status_json()["build"]["outcome"], "stopped");
+    env.assert_no_leftovers();
+}
+
+#[test]
+fn wait_reports_an_unreachable_daemon_with_its_own_code() {
+    let env = TestEnv::new("waitdead");
+    let mut d = env.daemon();
+    let yaml = env.yaml("lat.yaml", "standin_duration: 60");
+    assert!(env
+        .latc(&["build", "--file", yaml.to_str().unwrap()])
+        .status
+        .success());
+    let waiter = env
+        .latc_cmd()
+        .args(["wait", "--timeout", "1"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    env.wait_workers();
+    // latd dies without a word; its heartbeat file stays behind.
+    d.kill9();
+    let o = waiter.wait_with_output().unwrap();
+    assert_eq!(o.status.code(), Some(3), "{}", stderr(&o));
+    assert!(stderr(&o).contains("no reply from latd"), "{}", stderr(&o));
 }
