@@ -40,6 +40,8 @@ pub struct Settings {
 pub const HEARTBEAT_EVERY: Duration = Duration::from_secs(2);
 /// After a request, poll fast for this long (the next one often follows).
 const BUSY_AFTER_ACTIVITY: Duration = Duration::from_secs(2);
+/// On exit, how long replies that could not be written are retried.
+const EXIT_REPLY_RETRY: Duration = Duration::from_secs(1);
 /// How often stale files are swept from the channel.
 const SWEEP_EVERY: Duration = Duration::from_secs(60);
 
@@ -268,14 +270,19 @@ pub fn run(settings: Settings) -> Result<(), String> {
         d.settings.sdk_dir.display()
     );
     let mut shutdown_sent = false;
+    let mut exited_at: Option<Instant> = None;
     loop {
         d.tick(&mut wakeup, &mut shutdown_sent);
-        if d.machine.has_exited() && !d.channel.has_pending() {
-            break;
-        }
-        if d.machine.has_exited() && d.last_activity.elapsed() > Duration::from_secs(2) {
-            log::error!("exiting with replies that could not be written");
-            break;
+        if d.machine.has_exited() {
+            // Give replies that could not be written yet a last chance.
+            let since = *exited_at.get_or_insert_with(Instant::now);
+            if !d.channel.has_pending() {
+                break;
+            }
+            if since.elapsed() > EXIT_REPLY_RETRY {
+                log::error!("exiting with replies that could not be written");
+                break;
+            }
         }
         let timeout = d.next_timeout();
         wakeup.wait(timeout);

@@ -47,7 +47,8 @@ fn diagram_has_every_state_and_no_ignored_edge() {
 
 #[test]
 fn readme_shows_the_current_diagram() {
-    let readme = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("README.md")).unwrap();
+    let readme =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("README.md")).unwrap();
     let body: String = latd::diagram::mermaid()
         .lines()
         .filter(|l| !l.starts_with("%%"))

@@ -1790,7 +1790,10 @@ impl World {
         // until the kill is sent.
         // (A build whose leader ended by itself gets SIGKILL at once and no
         // grace deadline: it is only waited for.)
-        if from == StateKind::Building && to == StateKind::Stopping && kind != EventKind::BuildExited {
+        if from == StateKind::Building
+            && to == StateKind::Stopping
+            && kind != EventKind::BuildExited
+        {
             let d = self.now + GRACE;
             self.sim(live.unwrap()).deadline = Some(d);
         }

@@ -284,3 +284,304 @@ pub fn skip_unless_root(test: &str) -> bool {
     eprintln!("SKIPPED {test}: needs root (run the suite as root, as CI does)");
     true
 }
+
+impl TestEnv {
+    /// Starts latd with `ws` as its workspace (and `ws/channel`).
+    pub fn daemon_on(&self, ws: &Path) -> Daemon {
+        let log = fs::File::create(self.root.join("latd-on.log")).unwrap();
+        let child = Command::new(LATD)
+            .args(["--workspace", ws.to_str().unwrap(), "--grace", "2", "-d"])
+            .args(["--sdk", sdk_dir().to_str().unwrap()])
+            .env_remove("RUST_LOG")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("start latd");
+        let d = Daemon {
+            child: Some(child),
+            channel: ws.join("channel"),
+        };
+        let alive = ws.join("channel/latd.alive");
+        wait_until(Duration::from_secs(10), "latd to come up", || {
+            alive.exists()
+        });
+        d
+    }
+
+    /// Runs latc against workspace `ws`.
+    pub fn latc_on(&self, ws: &Path, args: &[&str]) -> Output {
+        self.latc_cmd()
+            .env("WORKSPACE_DIR", ws)
+            .args(args)
+            .output()
+            .expect("run latc")
+    }
+}
+
+impl TestEnv {
+    /// Starts latd as the container does (default log level, no `-d`)
+    /// with extra `args`: for measurements, where debug logging would
+    /// weigh on what is measured.
+    pub fn daemon_plain(&self, args: &[&str]) -> Daemon {
+        let log = fs::File::create(self.root.join(format!(
+            "latd-{}.log",
+            COUNTER.fetch_add(1, Ordering::Relaxed)
+        )))
+        .unwrap();
+        let child = Command::new(LATD)
+            .args(["--workspace", self.ws.to_str().unwrap()])
+            .args(["--sdk", sdk_dir().to_str().unwrap()])
+            .args(args)
+            .env_remove("RUST_LOG")
+            .env_remove("LAT_CHANNEL_DIR")
+            .env_remove("LATD_POLL_MS")
+            .env_remove("LATD_GRACE_SECS")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("start latd");
+        let d = Daemon {
+            child: Some(child),
+            channel: self.channel.clone(),
+        };
+        let alive = self.channel.join("latd.alive");
+        wait_until(Duration::from_secs(10), "latd to come up", || {
+            alive.exists()
+        });
+        d
+    }
+}
+
+// ---------------------------------------------------------------------
+// Helpers of the fault-injection and soak suites.
+// ---------------------------------------------------------------------
+
+impl TestEnv {
+    /// Everything the daemons of this test logged (all `latd-*.log`).
+    pub fn daemon_log(&self) -> String {
+        let mut logs: Vec<PathBuf> = fs::read_dir(&self.root)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| {
+                p.file_name()
+                    .and_then(|n| n.to_str())
+                    .is_some_and(|n| n.starts_with("latd-") && n.ends_with(".log"))
+            })
+            .collect();
+        logs.sort();
+        logs.iter()
+            .map(|p| fs::read_to_string(p).unwrap_or_default())
+            .collect()
+    }
+
+    /// Starts latd as user (and group) `uid`, e.g. 65534, so that file
+    /// permissions apply to it even when the tests run as root.
+    pub fn daemon_as(&self, uid: u32, args: &[&str]) -> Daemon {
+        use std::os::unix::process::CommandExt;
+        let log = fs::File::create(self.root.join(format!(
+            "latd-{}.log",
+            COUNTER.fetch_add(1, Ordering::Relaxed)
+        )))
+        .unwrap();
+        let child = Command::new(LATD)
+            .args(["--workspace", self.ws.to_str().unwrap()])
+            .args(["--sdk", sdk_dir().to_str().unwrap()])
+            .args(args)
+            .arg("-d")
+            .env_remove("RUST_LOG")
+            .uid(uid)
+            .gid(uid)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("start latd");
+        let d = Daemon {
+            child: Some(child),
+            channel: self.channel.clone(),
+        };
+        let alive = self.channel.join("latd.alive");
+        wait_until(Duration::from_secs(10), "latd to come up", || {
+            alive.exists()
+        });
+        d
+    }
+
+    /// Lines of the request history (the current file, not the rotated one).
+    pub fn history_lines(&self) -> Vec<String> {
+        fs::read_to_string(self.channel.join("client_message_history"))
+            .unwrap_or_default()
+            .lines()
+            .map(str::to_string)
+            .collect()
+    }
+}
+
+impl Daemon {
+    /// Whether latd is still running (reaps it if it exited).
+    pub fn running(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_some_and(|c| c.try_wait().ok().flatten().is_none())
+    }
+
+    /// How many file descriptors latd holds open.
+    pub fn fd_count(&self) -> usize {
+        fs::read_dir(format!("/proc/{}/fd", self.pid()))
+            .map(|d| d.count())
+            .unwrap_or(0)
+    }
+
+    /// Live child processes of latd (zombies not counted).
+    pub fn children(&self) -> Vec<i32> {
+        let mut out = Vec::new();
+        let Ok(tasks) = fs::read_dir(format!("/proc/{}/task", self.pid())) else {
+            return out;
+        };
+        for t in tasks.flatten() {
+            let list = fs::read_to_string(t.path().join("children")).unwrap_or_default();
+            for pid in list
+                .split_whitespace()
+                .filter_map(|p| p.parse::<i32>().ok())
+            {
+                let stat = fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+                let state = stat
+                    .rsplit(')')
+                    .next()
+                    .and_then(|r| r.split_whitespace().next())
+                    .unwrap_or("");
+                if !state.is_empty() && state != "Z" {
+                    out.push(pid);
+                }
+            }
+        }
+        out
+    }
+
+    /// A field of /proc/<pid>/status in kB (e.g. "VmHWM").
+    pub fn status_kb(&self, field: &str) -> Option<u64> {
+        let text = fs::read_to_string(format!("/proc/{}/status", self.pid())).ok()?;
+        text.lines()
+            .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))?
+            .split_whitespace()
+            .next()?
+            .parse()
+            .ok()
+    }
+}
+
+/// A reply as the wire carries it (a YAML mapping).
+pub type Wire = serde_yaml::Value;
+
+/// A string field of a reply, if present.
+pub fn field(reply: &Wire, key: &str) -> Option<String> {
+    reply.get(key).and_then(|v| v.as_str()).map(str::to_string)
+}
+
+fn wait_fast(within: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let start = Instant::now();
+    let mut pause = Duration::from_micros(200);
+    loop {
+        if cond() {
+            return true;
+        }
+        if start.elapsed() > within {
+            return false;
+        }
+        std::thread::sleep(pause);
+        pause = (pause * 2).min(Duration::from_millis(10));
+    }
+}
+
+/// One exchange of the original single-slot protocol, as the original
+/// client does it: write `c-2-s.msg` (unless `msg` is `None`), create
+/// `c-2-s.done`, wait for `s-2-c.done`, read `s-2-c.msg`, delete
+/// `s-2-c.done`. Callers must not run two at once on one channel.
+pub fn legacy_exchange(
+    channel: &Path,
+    msg: Option<&[u8]>,
+    within: Duration,
+) -> Result<Wire, String> {
+    let done = channel.join("s-2-c.done");
+    if done.exists() {
+        return Err("s-2-c.done exists before the request was sent (a duplicate reply?)".into());
+    }
+    if let Some(m) = msg {
+        fs::write(channel.join("c-2-s.msg"), m).map_err(|e| format!("write c-2-s.msg: {e}"))?;
+    }
+    fs::write(channel.join("c-2-s.done"), b"").map_err(|e| format!("write c-2-s.done: {e}"))?;
+    if !wait_fast(within, || done.exists()) {
+        return Err(format!("no s-2-c.done within {within:?}"));
+    }
+    let text = fs::read(channel.join("s-2-c.msg")).map_err(|e| format!("read s-2-c.msg: {e}"))?;
+    fs::remove_file(&done).map_err(|e| format!("remove s-2-c.done: {e}"))?;
+    serde_yaml::from_slice(&text).map_err(|e| {
+        format!(
+            "s-2-c.msg is not YAML ({e}): {}",
+            String::from_utf8_lossy(&text)
+        )
+    })
+}
+
+/// Sends `msg` as `req-<id>.yaml` (written under a temporary name, then
+/// renamed), pokes the wake-up FIFO and waits for `rep-<id>.yaml`, which it
+/// reads and removes.
+pub fn named_exchange(
+    channel: &Path,
+    id: &str,
+    msg: &[u8],
+    within: Duration,
+) -> Result<Wire, String> {
+    named_send(channel, id, msg)?;
+    named_wait(channel, id, within)
+}
+
+/// The sending half of [`named_exchange`].
+pub fn named_send(channel: &Path, id: &str, msg: &[u8]) -> Result<(), String> {
+    let tmp = channel.join(format!(".client-{id}.tmp"));
+    fs::write(&tmp, msg).map_err(|e| format!("write {}: {e}", tmp.display()))?;
+    fs::rename(&tmp, channel.join(format!("req-{id}.yaml")))
+        .map_err(|e| format!("rename to req-{id}.yaml: {e}"))?;
+    latd::fsutil::poke(&channel.join("latd.wake"));
+    Ok(())
+}
+
+/// The waiting half of [`named_exchange`].
+pub fn named_wait(channel: &Path, id: &str, within: Duration) -> Result<Wire, String> {
+    let rep = channel.join(format!("rep-{id}.yaml"));
+    let mut text = Vec::new();
+    let got = wait_fast(within, || match fs::read(&rep) {
+        Ok(t) => {
+            text = t;
+            true
+        }
+        Err(_) => false,
+    });
+    if !got {
+        return Err(format!("no rep-{id}.yaml within {within:?}"));
+    }
+    fs::remove_file(&rep).map_err(|e| format!("remove rep-{id}.yaml: {e}"))?;
+    serde_yaml::from_slice(&text).map_err(|e| {
+        format!(
+            "rep-{id}.yaml is not YAML ({e}): {}",
+            String::from_utf8_lossy(&text)
+        )
+    })
+}
+
+/// Names in the channel that start with `prefix`.
+pub fn channel_files(channel: &Path, prefix: &str) -> Vec<String> {
+    let mut v: Vec<String> = fs::read_dir(channel)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str().map(str::to_string))
+        .filter(|n| n.starts_with(prefix))
+        .collect();
+    v.sort();
+    v
+}
