@@ -70,6 +70,9 @@ pub struct Channel {
     /// identity, so they are not handled twice.
     handled: HashSet<(String, u64, i64, i64)>,
     pending: Vec<PendingReply>,
+    /// A status document that could not be written; retried with the
+    /// replies so that `status.lat` does not stay stale.
+    pending_status: Option<String>,
     history_size: Option<u64>,
     broken: bool,
 }
@@ -81,6 +84,7 @@ impl Channel {
             dir,
             handled: HashSet::new(),
             pending: Vec::new(),
+            pending_status: None,
             history_size: None,
             broken: false,
         }
@@ -349,6 +353,12 @@ impl Channel {
     /// Retries replies that could not be written; gives up on one only
     /// after a long time, loudly.
     pub fn retry_pending(&mut self) {
+        if let Some(text) = self.pending_status.take() {
+            match self.write_status_text(&text) {
+                Ok(()) => log::info!("{} written after a retry", protocol::STATUS_FILE),
+                Err(_) => self.pending_status = Some(text),
+            }
+        }
         if self.pending.is_empty() {
             return;
         }
@@ -392,21 +402,29 @@ impl Channel {
         }
     }
 
-    pub fn write_status(&self, doc: &StatusDoc) {
+    pub fn write_status(&mut self, doc: &StatusDoc) {
         let text = serde_yaml::to_string(doc).unwrap_or_default();
-        if let Err(e) = fsutil::write_atomic(
+        match self.write_status_text(&text) {
+            Ok(()) => self.pending_status = None,
+            Err(e) => {
+                log::error!(
+                    "cannot write {}: {e}; will retry",
+                    self.path(protocol::STATUS_FILE).display()
+                );
+                self.pending_status = Some(text);
+            }
+        }
+    }
+
+    fn write_status_text(&self, text: &str) -> io::Result<()> {
+        fsutil::write_atomic(
             &self.dir,
             protocol::STATUS_FILE,
             text.as_bytes(),
             0o644,
             self.owner,
             false,
-        ) {
-            log::error!(
-                "cannot write {}: {e}",
-                self.path(protocol::STATUS_FILE).display()
-            );
-        }
+        )
     }
 
     /// Appends one line per request to the history, rotating it past

@@ -136,9 +136,9 @@ impl Scale {
                 full,
                 status_runs: 300,
                 reaction_runs: 300,
-                rest_daemons: 12,
-                rest_samples: 50,
-                rest_cap: Duration::from_secs(60),
+                rest_daemons: 18,
+                rest_samples: 80,
+                rest_cap: Duration::from_secs(75),
                 idle_settle: Duration::from_secs(3),
                 idle_window: Duration::from_secs(30),
                 stop_runs: 7,
@@ -154,7 +154,7 @@ impl Scale {
                 full,
                 status_runs: 10,
                 reaction_runs: 10,
-                rest_daemons: 2,
+                rest_daemons: 3,
                 rest_samples: 1,
                 rest_cap: Duration::from_secs(20),
                 idle_settle: Duration::from_millis(500),
@@ -287,13 +287,31 @@ fn fmt_value(v: f64, unit: &str) -> String {
     }
 }
 
-#[derive(Default)]
 struct Report {
     rows: Vec<Row>,
     details: serde_json::Map<String, Value>,
+    /// Seconds each phase took, to keep the run short.
+    phases: serde_json::Map<String, Value>,
+    lap: Instant,
 }
 
 impl Report {
+    fn new() -> Report {
+        Report {
+            rows: Vec::new(),
+            details: serde_json::Map::new(),
+            phases: serde_json::Map::new(),
+            lap: Instant::now(),
+        }
+    }
+
+    /// Records how long the phase that ends now took.
+    fn lap(&mut self, phase: &str) {
+        self.phases
+            .insert(phase.into(), num(self.lap.elapsed().as_secs_f64()));
+        self.lap = Instant::now();
+    }
+
     fn info(&mut self, figure: &str, value: f64, unit: &'static str) {
         self.rows.push(Row {
             figure: figure.into(),
@@ -407,6 +425,7 @@ impl Report {
             "unix_time": SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0),
             "figures": rows,
             "details": Value::Object(self.details.clone()),
+            "phase_seconds": Value::Object(self.phases.clone()),
         })
     }
 }
@@ -678,12 +697,6 @@ impl FileClient {
         check_reply(&reply, action);
         t
     }
-}
-
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Proto {
-    Latc,
-    Original,
 }
 
 /// Back-to-back requests of both protocols, interleaved, each after a
@@ -1019,16 +1032,24 @@ fn main() {
         eprintln!("bench: warning: a debug build; measure with `cargo test --release --test bench -- --full`");
     }
     let started = Instant::now();
-    let mut report = Report::default();
+    let mut report = Report::new();
+    let load_before = loadavg();
     let mut rng = Rng::new();
 
     let rested = rest_and_idle(&scale, &mut report, &mut rng);
+    report.lap("rest_and_idle");
     main_daemon(&scale, &mut report, &mut rng, rested);
 
     for r in &report.rows {
         assert!(r.value.is_finite(), "{} is not a number", r.figure);
     }
     report.detail("run_seconds", num(started.elapsed().as_secs_f64()));
+    // Other work on the machine shows here: the figures assume it is quiet.
+    let load_after = loadavg();
+    report.detail(
+        "loadavg",
+        json!({"before": load_before, "after": load_after}),
+    );
     let json = serde_json::to_string_pretty(&report.json(scale.full)).unwrap();
     if scale.full {
         println!("\n{}", report.table());
@@ -1038,7 +1059,7 @@ fn main() {
             .filter_map(|r| r.target.map(|t| t.met(r.value)))
             .collect::<Vec<_>>();
         println!(
-            "targets met: {} of {}; run took {:.0} s",
+            "targets met: {} of {}; run took {:.0} s; load average before {load_before}, after {load_after}",
             met.iter().filter(|m| **m).count(),
             met.len(),
             started.elapsed().as_secs_f64()
@@ -1055,6 +1076,16 @@ fn main() {
     if !scale.full {
         println!("bench: smoke ok ({:.1} s)", started.elapsed().as_secs_f64());
     }
+}
+
+/// The 1, 5 and 15 minute load averages.
+fn loadavg() -> String {
+    fs::read_to_string("/proc/loadavg")
+        .unwrap_or_default()
+        .split_whitespace()
+        .take(3)
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 /// `<target dir>/bench.json`: the test binary is `<target>/<profile>/deps/bench-*`.
@@ -1105,17 +1136,26 @@ fn rest_and_idle(scale: &Scale, report: &mut Report, rng: &mut Rng) -> Rested {
     let envs: Vec<TestEnv> = (0..scale.rest_daemons)
         .map(|_| TestEnv::new("bench-rest"))
         .collect();
+    for e in &envs {
+        // So that `logs` is answered with success.
+        fs::create_dir_all(e.ws.join("log")).unwrap();
+        fs::write(e.ws.join("log/log.appsdk"), "INFO: an earlier build\n").unwrap();
+    }
     let daemons: Vec<Daemon> = envs.iter().map(|e| e.daemon_plain(&[])).collect();
     let mut clients: Vec<FileClient> = envs.iter().map(FileClient::new).collect();
     let jitter = Duration::from_secs_f64(IDLE_POLL_MS / 1000.0);
     let mut next: Vec<Instant> = (0..envs.len())
         .map(|_| Instant::now() + REST_GAP + rng.below(jitter))
         .collect();
+    // Each daemon cycles through three kinds of request: latc's protocol
+    // asking for status (latd rewrites status.lat first), the original
+    // protocol, and latc's protocol asking for logs (no status.lat rewrite:
+    // it shows what that rewrite costs).
     let mut turns = vec![0usize; envs.len()];
-    let (mut rest_latc, mut rest_orig) = (Vec::new(), Vec::new());
+    let mut rest: [Vec<Duration>; 3] = Default::default();
     let phase = Instant::now();
     loop {
-        let enough = rest_latc.len() >= scale.rest_samples && rest_orig.len() >= scale.rest_samples;
+        let enough = rest.iter().all(|r| r.len() >= scale.rest_samples);
         if (enough && idle_latd.is_finished()) || phase.elapsed() > scale.rest_cap {
             break;
         }
@@ -1123,24 +1163,26 @@ fn rest_and_idle(scale: &Scale, report: &mut Report, rng: &mut Rng) -> Rested {
         if let Some(wait) = next[i].checked_duration_since(Instant::now()) {
             thread::sleep(wait);
         }
-        // Alternate the protocols on each daemon.
-        let proto = if turns[i] % 2 == 0 {
-            Proto::Latc
-        } else {
-            Proto::Original
-        };
+        // Offset by daemon so that the first round already has every kind.
+        let kind = (turns[i] + i) % 3;
         turns[i] += 1;
-        match proto {
-            Proto::Latc => rest_latc.push(clients[i].latc_protocol("status")),
-            Proto::Original => rest_orig.push(clients[i].original("status")),
-        }
+        let t = match kind {
+            0 => clients[i].latc_protocol("status"),
+            1 => clients[i].original("status"),
+            _ => clients[i].latc_protocol("logs"),
+        };
+        rest[kind].push(t);
         next[i] = Instant::now() + REST_GAP + rng.below(jitter);
     }
+    let [rest_latc, rest_orig, rest_logs] = rest;
     let latd = idle_latd.join().unwrap();
     let py = idle_py.map(|h| h.join().unwrap());
     assert!(
-        rest_latc.len() >= scale.rest_samples && rest_orig.len() >= scale.rest_samples,
-        "too few samples at rest"
+        [&rest_latc, &rest_orig, &rest_logs]
+            .iter()
+            .all(|r| r.len() >= scale.rest_samples),
+        "too few samples at rest within {:?}",
+        scale.rest_cap
     );
     for d in daemons {
         shut_down(d);
@@ -1154,7 +1196,9 @@ fn rest_and_idle(scale: &Scale, report: &mut Report, rng: &mut Rng) -> Rested {
 
     let rl = Stats::of_durations(&rest_latc);
     let ro = Stats::of_durations(&rest_orig);
+    let rg = Stats::of_durations(&rest_logs);
     report.detail("reaction_latc_protocol_at_rest_ms", rl.json());
+    report.detail("reaction_latc_protocol_logs_at_rest_ms", rg.json());
     report.detail("reaction_original_at_rest_ms", ro.json());
 
     report.detail(
@@ -1168,6 +1212,7 @@ fn rest_and_idle(scale: &Scale, report: &mut Report, rng: &mut Rng) -> Rested {
     Rested {
         latc: rl,
         original: ro,
+        logs: rg,
         latd,
         python: py,
     }
@@ -1177,6 +1222,7 @@ fn rest_and_idle(scale: &Scale, report: &mut Report, rng: &mut Rng) -> Rested {
 struct Rested {
     latc: Stats,
     original: Stats,
+    logs: Stats,
     latd: IdleFigures,
     python: Option<IdleFigures>,
 }
@@ -1210,6 +1256,7 @@ fn main_daemon(scale: &Scale, report: &mut Report, rng: &mut Rng, rested: Rested
         Target::AtMost(20.0),
     );
 
+    report.lap("latc_status");
     // Reaction right after activity: back to back.
     let (act_latc, act_orig) = reactions(&mut client, scale.reaction_runs, rng);
     let al = Stats::of_durations(&act_latc);
@@ -1241,30 +1288,41 @@ fn main_daemon(scale: &Scale, report: &mut Report, rng: &mut Rng, rested: Rested
         "ms",
         Target::AtMost(5.0),
     );
+    report.info(
+        "reaction, latc protocol, at rest, logs (no status.lat rewrite) p50",
+        rested.logs.p50,
+        "ms",
+    );
     report.info("reaction, original, after activity p50", ao.p50, "ms");
     report.info("reaction, original, after activity p99", ao.p99, "ms");
-    // A 100 ms poll: a uniform wait of 0-100 ms, plus 1 ms for the
-    // client's own 0.5 ms polling.
+    // "No slower than a 100 ms poll": a request then waits uniformly 0-100
+    // ms for the next look. Its median is 50 ms give or take the sampling
+    // error of n samples (SE of the median of U(0,100) = 50/sqrt(n) ms);
+    // 1 ms more for the work and the client's 0.5 ms polling. And no
+    // request waits more than one period (+2 ms).
+    let p50_limit = IDLE_POLL_MS / 2.0 + 1.0 + 2.0 * 50.0 / (ro.n.max(1) as f64).sqrt();
     report.check_as(
         "reaction, original, at rest p50",
         ro.p50,
         "ms",
-        Target::AtMost(IDLE_POLL_MS / 2.0 + 1.0),
-        "<= 51 ms (100 ms poll)",
+        Target::AtMost(p50_limit),
+        &format!("<= {p50_limit:.1} ms (100 ms poll: 50 + 1 + 2 SE)"),
     );
+    report.info("reaction, original, at rest p99", ro.p99, "ms");
     report.check_as(
-        "reaction, original, at rest p99",
-        ro.p99,
+        "reaction, original, at rest max",
+        ro.max,
         "ms",
-        Target::AtMost(IDLE_POLL_MS + 1.0),
-        "<= 101 ms (100 ms poll)",
+        Target::AtMost(IDLE_POLL_MS + 2.0),
+        "<= 102 ms (one 100 ms poll)",
     );
     report.info(
-        "reaction samples at rest (each protocol)",
-        rl.n.min(ro.n) as f64,
+        "reaction samples at rest (each kind)",
+        rl.n.min(ro.n).min(rested.logs.n) as f64,
         "",
     );
 
+    report.lap("reaction_after_activity");
     // Concurrent clients.
     let mut lasts = Vec::new();
     for _ in 0..scale.client_rounds {
@@ -1293,6 +1351,7 @@ fn main_daemon(scale: &Scale, report: &mut Report, rng: &mut Rng, rested: Rested
         Target::AtMost(1000.0),
     );
 
+    report.lap("concurrent_clients");
     // While a build runs: reaction, then log following.
     start_build(
         &env,
@@ -1319,6 +1378,7 @@ fn main_daemon(scale: &Scale, report: &mut Report, rng: &mut Rng, rested: Rested
     report.info("reaction, latc protocol, build running p50", bl.p50, "ms");
     report.info("reaction, latc protocol, build running p99", bl.p99, "ms");
 
+    report.lap("reaction_during_build");
     let bursts = log_follow(&env, scale.log_bursts, scale.log_cap);
     env.assert_no_leftovers();
     let mut burst_json = Vec::new();
@@ -1348,6 +1408,7 @@ fn main_daemon(scale: &Scale, report: &mut Report, rng: &mut Rng, rested: Rested
     }
     report.detail("log_follow", Value::Array(burst_json));
 
+    report.lap("log_follow");
     // Stop, the build exiting on SIGTERM.
     let term: Vec<StopSample> = (0..scale.stop_runs)
         .map(|_| stop_once(&env, &mut client, false))
@@ -1377,6 +1438,7 @@ fn main_daemon(scale: &Scale, report: &mut Report, rng: &mut Rng, rested: Rested
         Target::AtMost(50.0),
     );
 
+    report.lap("stop_sigterm");
     // Stop, the build ignoring SIGTERM: SIGKILL after the grace period.
     let kill: Vec<StopSample> = (0..scale.kill_runs)
         .map(|_| stop_once(&env, &mut client, true))
@@ -1408,6 +1470,7 @@ fn main_daemon(scale: &Scale, report: &mut Report, rng: &mut Rng, rested: Rested
         "ms",
     );
 
+    report.lap("stop_sigkill");
     // Status while a clean of many files runs.
     let t = Instant::now();
     make_tree(&env.ws, scale.clean_files);
@@ -1442,6 +1505,7 @@ fn main_daemon(scale: &Scale, report: &mut Report, rng: &mut Rng, rested: Rested
         );
     }
 
+    report.lap("clean");
     // Idle figures, measured earlier.
     let (latd, py) = (rested.latd, rested.python);
     let secs = scale.idle_window.as_secs();
