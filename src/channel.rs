@@ -70,6 +70,9 @@ pub struct Channel {
     /// identity, so they are not handled twice.
     handled: HashSet<(String, u64, i64, i64)>,
     pending: Vec<PendingReply>,
+    /// The original slot's last request: (marker inode, request identity).
+    /// Kept while its marker is still listed, so it is answered once.
+    legacy_answered: Option<(u64, Option<(u64, u64, i64, i64)>)>,
     /// A status document that could not be written; retried with the
     /// replies so that `status.lat` does not stay stale.
     pending_status: Option<String>,
@@ -84,6 +87,7 @@ impl Channel {
             dir,
             handled: HashSet::new(),
             pending: Vec::new(),
+            legacy_answered: None,
             pending_status: None,
             history_size: None,
             broken: false,
@@ -188,7 +192,7 @@ impl Channel {
     /// Lists the channel and reads every complete request in it.
     pub fn scan(&mut self) -> io::Result<Vec<Incoming>> {
         self.remove_handled();
-        let mut legacy = false;
+        let mut legacy: Option<u64> = None;
         let mut named = Vec::new();
         let entries = match fs::read_dir(&self.dir) {
             Ok(e) => {
@@ -210,7 +214,8 @@ impl Channel {
             let name = e.file_name();
             let Some(name) = name.to_str() else { continue };
             if name == protocol::LEGACY_REQUEST_DONE {
-                legacy = true;
+                use std::os::unix::fs::DirEntryExt;
+                legacy = Some(e.ino());
             } else if let Some(id) = name
                 .strip_prefix(protocol::REQUEST_PREFIX)
                 .and_then(|r| r.strip_suffix(protocol::MESSAGE_SUFFIX))
@@ -219,10 +224,9 @@ impl Channel {
             }
         }
         let mut out = Vec::new();
-        if legacy {
-            if let Some(i) = self.read_legacy() {
-                out.push(i);
-            }
+        match legacy {
+            Some(done_ino) => out.extend(self.read_legacy(done_ino)),
+            None => self.legacy_answered = None,
         }
         named.sort();
         for id in named {
@@ -233,35 +237,41 @@ impl Channel {
         Ok(out)
     }
 
-    fn read_legacy(&mut self) -> Option<Incoming> {
+    /// Reads the original slot. `done_ino` comes from the listing: the
+    /// marker is never looked up by name first, because a cache of "no
+    /// such file" (NFS, FUSE) may deny what the listing shows.
+    fn read_legacy(&mut self, done_ino: u64) -> Option<Incoming> {
         let done = self.path(protocol::LEGACY_REQUEST_DONE);
-        let done_md = fs::symlink_metadata(&done).ok()?;
-        let key = (
-            protocol::LEGACY_REQUEST_DONE.to_string(),
-            done_md.ino(),
-            done_md.mtime(),
-            done_md.mtime_nsec(),
-        );
-        if self.handled.contains(&key) {
+        let msg = self.path(protocol::LEGACY_REQUEST);
+        let msg_id = fs::symlink_metadata(&msg).map(|m| identity(&m)).ok();
+        let key = (done_ino, msg_id);
+        if self.legacy_answered == Some(key) {
+            // Answered, but the marker could not be removed yet (read-only
+            // channel, stale cache): try again, answer nothing twice.
+            if fs::remove_file(&done).is_ok() {
+                log::info!("removed {}, handled earlier", protocol::LEGACY_REQUEST_DONE);
+                self.legacy_answered = None;
+            }
             return None;
         }
-        let msg = self.path(protocol::LEGACY_REQUEST);
         let (text, parsed) = read_request(
             &msg,
             protocol::LEGACY_REQUEST,
             protocol::LEGACY_REQUEST_DONE,
         );
-        match fs::remove_file(&done) {
-            Ok(()) => {}
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        // Remembered only while the marker stays; once it is removed, the
+        // next marker (whatever its inode) is a new request.
+        self.legacy_answered = match fs::remove_file(&done) {
+            Ok(()) => None,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Some(key),
             Err(e) => {
                 log::error!(
                     "cannot remove {}: {e}; the channel must be writable",
                     done.display()
                 );
-                self.handled.insert(key);
+                Some(key)
             }
-        }
+        };
         Some(Incoming {
             slot: Slot::Legacy,
             text,

@@ -40,7 +40,7 @@ pub struct Settings {
 pub const HEARTBEAT_EVERY: Duration = Duration::from_secs(2);
 /// After a request, poll fast for this long (the next one often follows).
 const BUSY_AFTER_ACTIVITY: Duration = Duration::from_secs(2);
-/// On exit, how long replies that could not be written are retried.
+/// On exit, how long replies and state that could not be written are retried.
 const EXIT_REPLY_RETRY: Duration = Duration::from_secs(1);
 /// How often stale files are swept from the channel.
 const SWEEP_EVERY: Duration = Duration::from_secs(60);
@@ -166,6 +166,9 @@ struct Daemon {
     /// Wakes the loop from a background thread.
     waker: Arc<dyn Fn() + Send + Sync>,
     last_activity: Instant,
+    /// The latest persisted state, until it is written.
+    unsaved_state: Option<Vec<u8>>,
+    state_save_failed: bool,
     last_heartbeat: Option<Instant>,
     last_sweep: Instant,
 }
@@ -212,17 +215,28 @@ pub fn run(settings: Settings) -> Result<(), String> {
     let now = clock.now();
     let state_path = channel.path(protocol::STATE_FILE);
     let persisted = effects::load_state(&state_path);
+    let tag = settings.channel.to_string_lossy().into_owned();
     let interrupted = match persisted.current.as_ref() {
         Some(b) => {
-            let what = b
+            let mut what = b
                 .process
                 .as_ref()
                 .map(effects::kill_leftover_build)
-                .unwrap_or_else(|| "it had not started".into());
+                .unwrap_or_else(|| "its process id was never recorded".into());
+            let stray = effects::kill_tagged(&tag);
+            if stray > 0 {
+                what = format!("{what}; {stray} more of its processes were killed");
+            }
             log::warn!("build {} was running when latd stopped; {what}", b.id);
             format!("interrupted: latd was restarted while this build ran; {what}")
         }
-        None => String::new(),
+        None => {
+            let stray = effects::kill_tagged(&tag);
+            if stray > 0 {
+                log::warn!("killed {stray} processes a previous latd left behind");
+            }
+            String::new()
+        }
     };
     channel.clear_stale();
     let config = machine::Config {
@@ -241,6 +255,7 @@ pub fn run(settings: Settings) -> Result<(), String> {
             hack_cmd: settings
                 .allow_hack_cmd
                 .then(|| settings.workspace.join("hack/lat-genimage-cmd")),
+            tag,
         },
         settings,
         root,
@@ -254,6 +269,8 @@ pub fn run(settings: Settings) -> Result<(), String> {
         jobs_rx,
         waker: wakeup.waker(),
         last_activity: Instant::now(),
+        unsaved_state: None,
+        state_save_failed: false,
         last_heartbeat: None,
         last_sweep: Instant::now(),
     };
@@ -276,11 +293,11 @@ pub fn run(settings: Settings) -> Result<(), String> {
         if d.machine.has_exited() {
             // Give replies that could not be written yet a last chance.
             let since = *exited_at.get_or_insert_with(Instant::now);
-            if !d.channel.has_pending() {
+            if !d.channel.has_pending() && d.unsaved_state.is_none() {
                 break;
             }
             if since.elapsed() > EXIT_REPLY_RETRY {
-                log::error!("exiting with replies that could not be written");
+                log::error!("exiting with replies or state that could not be written");
                 break;
             }
         }
@@ -416,24 +433,49 @@ impl Daemon {
                 None
             }
             Effect::Persist(p) => {
-                let text = serde_json::to_vec_pretty(&p).unwrap_or_default();
-                if let Err(e) = crate::fsutil::write_atomic(
-                    self.channel.dir(),
-                    protocol::STATE_FILE,
-                    &text,
-                    0o644,
-                    None,
-                    true,
-                ) {
-                    log::error!("cannot save state in {}: {e}", self.channel.dir().display());
-                }
+                self.unsaved_state = Some(serde_json::to_vec_pretty(&p).unwrap_or_default());
+                self.save_state();
                 None
             }
             Effect::Exit => None,
         }
     }
 
+    /// Writes the latest state not yet saved; kept for a retry on failure
+    /// (a full disk), so what is on disk always catches up.
+    fn save_state(&mut self) {
+        let Some(text) = &self.unsaved_state else {
+            return;
+        };
+        match crate::fsutil::write_atomic(
+            self.channel.dir(),
+            protocol::STATE_FILE,
+            text,
+            0o644,
+            None,
+            true,
+        ) {
+            Ok(()) => {
+                if self.state_save_failed {
+                    log::info!("state saved after a retry");
+                }
+                self.state_save_failed = false;
+                self.unsaved_state = None;
+            }
+            Err(e) => {
+                if !self.state_save_failed {
+                    log::error!(
+                        "cannot save state in {}: {e}; will retry",
+                        self.channel.dir().display()
+                    );
+                }
+                self.state_save_failed = true;
+            }
+        }
+    }
+
     fn housekeeping(&mut self) {
+        self.save_state();
         let due = self
             .last_heartbeat
             .is_none_or(|t| t.elapsed() >= HEARTBEAT_EVERY);
@@ -481,6 +523,7 @@ impl Daemon {
         let busy = self.machine.state().kind() != StateKind::Idle
             || self.last_activity.elapsed() < BUSY_AFTER_ACTIVITY
             || self.channel.has_pending()
+            || self.unsaved_state.is_some()
             || self.procs.build_running();
         let mut t = if busy {
             self.settings.busy_poll

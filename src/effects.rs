@@ -19,7 +19,13 @@ pub struct SdkConfig {
     pub env_script: PathBuf,
     /// `Some(path)` when the operator allowed `hack/lat-genimage-cmd`.
     pub hack_cmd: Option<PathBuf>,
+    /// Value of [`TAG_VAR`] in every process latd starts (the channel's
+    /// path), so a restarted latd can find what a crashed one left.
+    pub tag: String,
 }
+
+/// Environment variable that marks the processes latd starts.
+pub const TAG_VAR: &str = "LATD_CHANNEL";
 
 /// Output directories `clean` removes under a workdir.
 pub const CLEAN_DIRS: [&str; 4] = ["deploy", "exampleyamls", "workdir", "log"];
@@ -129,6 +135,7 @@ impl Processes {
             .stdin(Stdio::null())
             .stdout(console)
             .stderr(console2)
+            .env(TAG_VAR, &sdk.tag)
             .process_group(0);
         let child = cmd.spawn().map_err(|e| format!("cannot run bash: {e}"))?;
         let pid = child.id() as i32;
@@ -161,6 +168,7 @@ impl Processes {
                     .stdin(Stdio::null())
                     .stdout(out)
                     .stderr(err)
+                    .env(TAG_VAR, &sdk.tag)
                     .process_group(0)
                     .spawn()
             });
@@ -358,6 +366,39 @@ pub fn kill_leftover_build(process: &ProcessId) -> String {
         std::thread::sleep(std::time::Duration::from_millis(10));
     }
     format!("its leftover processes (group {pgid}) were killed")
+}
+
+/// Kills every process that carries `TAG_VAR=tag` in its environment: what
+/// a previous latd on this channel started and could not record (it was
+/// killed between the fork and saving the pid) or that left the build's
+/// process group. Returns how many were killed.
+pub fn kill_tagged(tag: &str) -> usize {
+    let needle = format!("{TAG_VAR}={tag}");
+    let me = std::process::id();
+    let mut killed = 0;
+    let Ok(procs) = fs::read_dir("/proc") else {
+        return 0;
+    };
+    for p in procs.flatten() {
+        let Some(pid) = p.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+            continue;
+        };
+        if pid == me {
+            continue;
+        }
+        let Ok(environ) = fs::read(p.path().join("environ")) else {
+            continue;
+        };
+        if environ.split(|&b| b == 0).any(|v| v == needle.as_bytes()) {
+            log::warn!("killing pid {pid}, left by a previous latd on this channel");
+            // SAFETY: kill has no memory effects.
+            unsafe {
+                libc::kill(pid as i32, libc::SIGKILL);
+            }
+            killed += 1;
+        }
+    }
+    killed
 }
 
 /// Removes `CLEAN_DIRS` under `workdir` in a background thread; the

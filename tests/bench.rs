@@ -140,7 +140,7 @@ impl Scale {
                 rest_samples: 80,
                 rest_cap: Duration::from_secs(75),
                 idle_settle: Duration::from_secs(3),
-                idle_window: Duration::from_secs(30),
+                idle_window: Duration::from_secs(40),
                 stop_runs: 7,
                 kill_runs: 3,
                 clean_files: 200_000,
@@ -803,7 +803,7 @@ fn stop_once(env: &TestEnv, client: &mut FileClient, ignore_term: bool) -> StopS
     }
 }
 
-/// Creates `n` empty files under `workdir/workdir/` in nested directories,
+/// Creates `n` empty files under `<workspace>/workdir/` in nested directories,
 /// with two threads.
 fn make_tree(ws: &Path, n: usize) {
     let per_dir = 1000.min(n.max(1));
@@ -1538,13 +1538,16 @@ fn main_daemon(scale: &Scale, report: &mut Report, rng: &mut Rng, rested: Rested
             "%",
         );
         report.info("Python 100 ms loop RSS", py.rss_kib / 1024.0, "MiB");
-        report.check_as(
-            "latd idle CPU / Python loop's (schedstat)",
-            latd.cpu_pct_sched / py.cpu_pct_sched,
-            "x",
-            Target::LessThan(1.0),
-            "< 1",
-        );
+        // CPU time at ns resolution: utime+stime counts whole ticks.
+        if py.cpu_pct_sched > 0.0 {
+            report.check_as(
+                "latd idle CPU / Python loop's (schedstat)",
+                latd.cpu_pct_sched / py.cpu_pct_sched,
+                "x",
+                Target::LessThan(1.0),
+                "< 1 (below the loop)",
+            );
+        }
     }
 
     shut_down(daemon);

@@ -1534,10 +1534,8 @@ fn full_disk_reply_is_retried_when_space_returns() {
     let s = env.status_json();
     assert_eq!(s["lat_status"], "idle", "{s}");
     assert_eq!(s["build"]["outcome"], "stopped", "{s}");
-    // BUG: latd does not retry saving its state after a failed write
-    // (src/daemon.rs, `Effect::Persist` only logs the error), so the state
-    // on disk keeps saying the build runs until the next state change; a
-    // restart then reports the stopped build as "interrupted".
+    // The state that could not be saved is saved once space returns, so a
+    // restart does not report the stopped build as "interrupted".
     wait_until(Duration::from_secs(5), "the final state on disk", || {
         read_state(&env)["current"].is_null()
     });
@@ -1628,11 +1626,8 @@ fn clean_reports_a_path_it_cannot_remove_and_recovers() {
 /// latd SIGKILLed right after it forked a build, before it saved the
 /// build's process id: the restarted latd must still leave no process of
 /// that build alive, and must not claim that the build never started.
-// BUG: latd saves the build's process id only after the spawn returned
-// (src/daemon.rs, `Effect::Spawn` then the `Persist` of `Event::Spawned`;
-// src/effects.rs `try_spawn_build`). Killed in between, the restarted latd
-// finds `process: null`, says "it had not started" and kills nothing: the
-// whole build (appsdk and its workers) survives. This test fails until then.
+// (latd marks every process it starts with LATD_CHANNEL=<channel> in the
+// environment, and a restarted latd kills what carries its channel's mark.)
 #[test]
 fn sigkill_right_after_the_build_is_forked() {
     let env = TestEnv::new("sigkillfork");
