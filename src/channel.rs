@@ -58,8 +58,11 @@ struct PendingReply {
     since: Instant,
 }
 
+/// Inode, size and mtime: enough to notice a file that was replaced.
+type FileIdentity = (u64, u64, i64, i64);
+
 /// Identity of a file, to notice one that was replaced.
-fn identity(md: &fs::Metadata) -> (u64, u64, i64, i64) {
+fn identity(md: &fs::Metadata) -> FileIdentity {
     (md.ino(), md.size(), md.mtime(), md.mtime_nsec())
 }
 
@@ -72,7 +75,7 @@ pub struct Channel {
     pending: Vec<PendingReply>,
     /// The original slot's last request: (marker inode, request identity).
     /// Kept while its marker is still listed, so it is answered once.
-    legacy_answered: Option<(u64, Option<(u64, u64, i64, i64)>)>,
+    legacy_answered: Option<(u64, Option<FileIdentity>)>,
     /// A status document that could not be written; retried with the
     /// replies so that `status.lat` does not stay stale.
     pending_status: Option<String>,
