@@ -81,6 +81,8 @@ pub struct Channel {
     pending_status: Option<String>,
     history_size: Option<u64>,
     broken: bool,
+    /// The channel existed (or was made) once: its loss is worth a warning.
+    set_up: bool,
 }
 
 impl Channel {
@@ -94,6 +96,7 @@ impl Channel {
             pending_status: None,
             history_size: None,
             broken: false,
+            set_up: false,
         }
     }
 
@@ -109,14 +112,18 @@ impl Channel {
     /// all is well; called every tick so a deleted channel comes back.
     pub fn ensure(&mut self) -> io::Result<()> {
         if !self.dir.is_dir() {
-            if !self.broken {
+            if !self.set_up {
+                log::info!("creating channel {}", self.dir.display());
+            } else if !self.broken {
                 log::warn!("channel {} is missing; recreating it", self.dir.display());
             }
             fsutil::ensure_dir(&self.dir)?;
             self.owner = Owner::of_dir_when_root(&self.dir);
             self.history_size = None;
         }
-        fsutil::ensure_fifo(&self.path(protocol::WAKE_FIFO), self.owner)
+        fsutil::ensure_fifo(&self.path(protocol::WAKE_FIFO), self.owner)?;
+        self.set_up = true;
+        Ok(())
     }
 
     /// Start-up: remove what a previous daemon left that would mislead a
