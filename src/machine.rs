@@ -13,6 +13,35 @@
 //! Calling rule for the driver: after every `step`, perform all returned
 //! effects in order before the next `step`; feed the outcome of each effect
 //! (e.g. [`Event::Spawned`]) back as the next event.
+//!
+//! ```
+//! use latd::machine::*;
+//! use latd::protocol::ReplyResult;
+//! use std::path::PathBuf;
+//!
+//! let config = Config {
+//!     grace_ms: 20_000,
+//!     status_file: "/c/status.lat".into(),
+//!     history_cap: 50,
+//!     pid: 1,
+//!     version: "test".into(),
+//!     started_at: 0,
+//! };
+//! let mut m = Machine::new(config, Persisted::default(), 0, "");
+//! let build = BuildRequest {
+//!     workdir: "/w".into(),
+//!     yaml_file: "/w/lat.yaml".into(),
+//!     kind: BuildKind::Genimage,
+//! };
+//! // A build request asks for a spawn; the reply waits for its outcome.
+//! let fx = m.step(10, Event::Request { id: ReqId(1), request: Request::Build(build) });
+//! assert!(fx.iter().any(|e| matches!(e, Effect::Spawn { build_id: 1, .. })));
+//! let process = ProcessId { pid: 42, start_ticks: 7 };
+//! let fx = m.step(11, Event::Spawned { build_id: 1, process });
+//! assert!(matches!(fx.last(), Some(Effect::Reply { id: ReqId(1), reply })
+//!     if reply.result == ReplyResult::Succeed));
+//! assert_eq!(m.status(12).lat_status, "busy");
+//! ```
 
 use crate::protocol::{Action, Reply, StatusDoc};
 use serde::{Deserialize, Serialize};
