@@ -83,6 +83,8 @@ pub struct Channel {
     broken: bool,
     /// The channel existed (or was made) once: its loss is worth a warning.
     set_up: bool,
+    /// Files replaced this tick, held open until the replies are out.
+    retired: Vec<fs::File>,
 }
 
 impl Channel {
@@ -97,6 +99,7 @@ impl Channel {
             history_size: None,
             broken: false,
             set_up: false,
+            retired: Vec::new(),
         }
     }
 
@@ -343,17 +346,17 @@ impl Channel {
         }
     }
 
-    fn write_reply(&self, slot: &Slot, text: &str) -> io::Result<()> {
+    fn write_reply(&mut self, slot: &Slot, text: &str) -> io::Result<()> {
         match slot {
             Slot::Legacy => {
-                fsutil::write_atomic(
+                let old = fsutil::replace_atomic(
                     &self.dir,
                     protocol::LEGACY_REPLY,
                     text.as_bytes(),
                     0o644,
                     self.owner,
-                    false,
                 )?;
+                self.retired.extend(old);
                 fsutil::write_atomic(
                     &self.dir,
                     protocol::LEGACY_REPLY_DONE,
@@ -436,15 +439,21 @@ impl Channel {
         }
     }
 
-    fn write_status_text(&self, text: &str) -> io::Result<()> {
-        fsutil::write_atomic(
+    fn write_status_text(&mut self, text: &str) -> io::Result<()> {
+        let old = fsutil::replace_atomic(
             &self.dir,
             protocol::STATUS_FILE,
             text.as_bytes(),
             0o644,
             self.owner,
-            false,
-        )
+        )?;
+        self.retired.extend(old);
+        Ok(())
+    }
+
+    /// Lets go of the files replaced this tick; call after the replies.
+    pub fn release_replaced(&mut self) {
+        self.retired.clear();
     }
 
     /// Appends one line per request to the history, rotating it past

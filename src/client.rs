@@ -326,14 +326,45 @@ impl LogFollower {
                 }
             }
         }
-        while let Some(i) = self.partial.iter().position(|&b| b == b'\n') {
-            let line: Vec<u8> = self.partial.drain(..=i).collect();
-            lines.push(String::from_utf8_lossy(&line[..line.len() - 1]).into_owned());
+        // Split off the unfinished tail once, then cut the rest into lines
+        // (linear in what was read, however many lines it holds).
+        if let Some(last_nl) = self.partial.iter().rposition(|&b| b == b'\n') {
+            let tail = self.partial.split_off(last_nl + 1);
+            let complete = std::mem::replace(&mut self.partial, tail);
+            lines.extend(
+                complete[..complete.len() - 1]
+                    .split(|&b| b == b'\n')
+                    .map(|l| String::from_utf8_lossy(l).into_owned()),
+            );
         }
         if flush && !self.partial.is_empty() {
             lines.push(String::from_utf8_lossy(&self.partial).into_owned());
             self.partial.clear();
         }
         lines
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn follower_splits_lines_keeps_the_tail_and_sees_a_new_file() {
+        let dir = std::env::temp_dir().join(format!("latc-follow-{}", std::process::id()));
+        fs::create_dir_all(&dir).unwrap();
+        let log = dir.join("log");
+        fs::write(&log, "a\nb\npart").unwrap();
+        let mut f = LogFollower::new(log.clone());
+        assert_eq!(f.poll(false), ["a", "b"]);
+        let mut file = fs::OpenOptions::new().append(true).open(&log).unwrap();
+        std::io::Write::write_all(&mut file, b"ial\nc\n").unwrap();
+        assert_eq!(f.poll(false), ["partial", "c"]);
+        assert!(f.poll(false).is_empty());
+        // Replaced by a new build's log: read from its start.
+        fs::rename(&log, dir.join("old")).unwrap();
+        fs::write(&log, "new\nend").unwrap();
+        assert_eq!(f.poll(true), ["new", "end"]);
+        fs::remove_dir_all(&dir).unwrap();
     }
 }

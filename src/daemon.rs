@@ -333,13 +333,15 @@ impl Daemon {
         }
         self.feed(Event::Tick);
         self.channel.retry_pending();
+        self.channel.release_replaced();
         self.housekeeping();
     }
 
     fn handle_incoming(&mut self, inc: crate::channel::Incoming) {
-        let now = self.clock.now();
+        // Recorded before the reply, so a client that has its reply finds
+        // its line in the history.
         self.channel
-            .record_history(&iso8601(now), &inc.slot, &inc.text);
+            .record_history(&iso8601(self.clock.now()), &inc.slot, &inc.text);
         let id = ReqId(self.next_req);
         self.next_req += 1;
         self.slots.insert(id, inc.slot.clone());

@@ -75,6 +75,26 @@ pub fn write_atomic(
     result
 }
 
+/// Like [`write_atomic`], but returns a handle on the file it replaced.
+/// While the handle lives, the old file's blocks are not freed: the caller
+/// can drop it after its reply is out, since freeing them may wait on the
+/// disk (a synchronous discard on some mounts).
+pub fn replace_atomic(
+    dir: &Path,
+    name: &str,
+    data: &[u8],
+    mode: u32,
+    owner: Option<Owner>,
+) -> io::Result<Option<File>> {
+    let old = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(dir.join(name))
+        .ok();
+    write_atomic(dir, name, data, mode, owner, false)?;
+    Ok(old)
+}
+
 /// Reads at most `cap` bytes of a regular file, without following a
 /// symlink at the last component and without blocking on a FIFO.
 /// Returns the bytes and whether the file was longer than `cap`.

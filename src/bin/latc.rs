@@ -442,10 +442,7 @@ fn follow_current(
     };
     if follow && build.outcome != Outcome::Running {
         // Print the finished build's log once.
-        let mut f = LogFollower::new(build.log_file.clone());
-        for line in f.poll(true) {
-            println!("{line}");
-        }
+        print_lines(&LogFollower::new(build.log_file.clone()).poll(true));
         summary(&build, out);
         return Ok(client::exit_code_for(build.outcome));
     }
@@ -493,9 +490,7 @@ fn watch(
         let ended = build.outcome != Outcome::Running;
         if follow {
             let f = follower.get_or_insert_with(|| LogFollower::new(build.log_file.clone()));
-            for line in f.poll(ended) {
-                println!("{line}");
-            }
+            print_lines(&f.poll(ended));
         } else {
             let mut f = follower
                 .take()
@@ -546,6 +541,22 @@ fn watch(
             return Ok(EXIT_DETACHED);
         }
         std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Writes log lines in one go; a reader that went away (`| head`) ends
+/// latc quietly.
+fn print_lines(lines: &[String]) {
+    if lines.is_empty() {
+        return;
+    }
+    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+    let written = lines
+        .iter()
+        .try_for_each(|l| writeln!(out, "{l}"))
+        .and_then(|()| out.flush());
+    if written.is_err() {
+        std::process::exit(EXIT_OK);
     }
 }
 
