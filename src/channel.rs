@@ -44,8 +44,10 @@ pub struct Incoming {
     pub parsed: Result<RawRequest, Invalid>,
 }
 
-/// Files older than this that nobody collected are removed.
+/// Replies older than this that nobody collected are removed.
 const STALE_AFTER: Duration = Duration::from_secs(600);
+/// A temporary file this old was left by a writer that died.
+const TEMP_STALE_AFTER: Duration = Duration::from_secs(60);
 /// The history file is rotated (one old copy kept) past this size.
 pub const HISTORY_CAP: u64 = 1 << 20;
 /// A reply that cannot be written is retried for this long.
@@ -85,6 +87,7 @@ pub struct Channel {
     set_up: bool,
     /// Files replaced this tick, held open until the replies are out.
     retired: Vec<fs::File>,
+    fifo_warned: bool,
 }
 
 impl Channel {
@@ -100,6 +103,7 @@ impl Channel {
             broken: false,
             set_up: false,
             retired: Vec::new(),
+            fifo_warned: false,
         }
     }
 
@@ -113,7 +117,8 @@ impl Channel {
 
     /// Creates the channel (and the wake-up FIFO) if missing. Cheap when
     /// all is well; called every tick so a deleted channel comes back.
-    pub fn ensure(&mut self) -> io::Result<()> {
+    /// Returns whether the FIFO was (re)made, so the daemon reopens it.
+    pub fn ensure(&mut self) -> io::Result<bool> {
         if !self.dir.is_dir() {
             if !self.set_up {
                 log::info!("creating channel {}", self.dir.display());
@@ -124,9 +129,22 @@ impl Channel {
             self.owner = Owner::of_dir_when_root(&self.dir);
             self.history_size = None;
         }
-        fsutil::ensure_fifo(&self.path(protocol::WAKE_FIFO), self.owner)?;
         self.set_up = true;
-        Ok(())
+        // The FIFO is only a wake-up hint: without it (a filesystem with
+        // no FIFOs) latd still serves every request by polling.
+        match fsutil::ensure_fifo(&self.path(protocol::WAKE_FIFO), self.owner) {
+            Ok(made) => Ok(made),
+            Err(e) => {
+                if !self.fifo_warned {
+                    self.fifo_warned = true;
+                    log::warn!(
+                        "cannot make the wake-up pipe {}: {e}; serving by polling only",
+                        self.path(protocol::WAKE_FIFO).display()
+                    );
+                }
+                Ok(false)
+            }
+        }
     }
 
     /// Start-up: remove what a previous daemon left that would mislead a
@@ -138,35 +156,35 @@ impl Channel {
                 log::warn!("cannot remove stale {name}: {e}");
             }
         }
-        self.sweep(Duration::ZERO);
+        self.sweep(true);
     }
 
-    /// Removes our temporary files and uncollected replies older than `age`.
-    pub fn sweep(&mut self, age: Duration) {
+    /// Removes temporary files left by a writer that died, and replies
+    /// nobody collected. `at_start`: the previous daemon is gone, so its
+    /// temporaries go at once; a client's only once old (it may be writing).
+    pub fn sweep(&mut self, at_start: bool) {
         let Ok(entries) = fs::read_dir(&self.dir) else {
             return;
         };
         let now = SystemTime::now();
         for e in entries.flatten() {
             let name = e.file_name().to_string_lossy().into_owned();
-            let ours = (name.starts_with('.') && name.ends_with(".tmp"))
-                || (name.starts_with(protocol::REPLY_PREFIX)
-                    && name.ends_with(protocol::MESSAGE_SUFFIX));
-            if !ours {
-                continue;
-            }
+            let temporary = name.starts_with('.') && name.ends_with(".tmp");
+            let reply = name.starts_with(protocol::REPLY_PREFIX)
+                && name.ends_with(protocol::MESSAGE_SUFFIX);
+            let clients = name.starts_with(&format!(".{}", protocol::REQUEST_PREFIX));
+            let keep_for = match (temporary, reply) {
+                (true, _) if at_start && !clients => Duration::ZERO,
+                (true, _) => TEMP_STALE_AFTER,
+                (false, true) => STALE_AFTER,
+                (false, false) => continue,
+            };
             let old = e
                 .metadata()
                 .and_then(|m| m.modified())
                 .ok()
                 .and_then(|t| now.duration_since(t).ok())
-                .is_some_and(|a| {
-                    a >= age.max(if name.starts_with('.') {
-                        Duration::ZERO
-                    } else {
-                        STALE_AFTER
-                    })
-                });
+                .is_some_and(|a| a >= keep_for);
             if old {
                 log::debug!("removing stale {name}");
                 let _ = fs::remove_file(e.path());
@@ -472,7 +490,18 @@ impl Channel {
             let _ = fs::rename(&path, self.path(&format!("{}.1", protocol::HISTORY_FILE)));
             self.history_size = Some(0);
         }
-        match fsutil::open_append(&path, 0o644).and_then(|mut f| f.write_all(line.as_bytes())) {
+        let append =
+            || fsutil::open_append(&path, 0o644).and_then(|mut f| f.write_all(line.as_bytes()));
+        let appended = append().or_else(|e| {
+            if e.kind() != io::ErrorKind::InvalidInput {
+                return Err(e);
+            }
+            // Something other than a regular file took its place: replace it.
+            log::warn!("{} was not a regular file; replacing it", path.display());
+            fsutil::remove_if_present(&path)?;
+            append()
+        });
+        match appended {
             Ok(()) => *self.history_size.get_or_insert(0) += line.len() as u64,
             Err(e) => {
                 self.history_size = None;

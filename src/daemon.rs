@@ -131,12 +131,7 @@ impl Wakeup {
 /// Refuses to start when another daemon serves the channel.
 fn lock_channel(channel: &Path) -> Result<fs::File, String> {
     let path = channel.join(protocol::LOCK_FILE);
-    let f = fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .mode(0o644)
-        .open(&path)
+    let f = crate::fsutil::open_append(&path, 0o644)
         .map_err(|e| format!("cannot open {}: {e}", path.display()))?;
     // SAFETY: flock on a valid fd.
     if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
@@ -311,7 +306,7 @@ pub fn run(settings: Settings) -> Result<(), String> {
 
 impl Daemon {
     fn tick(&mut self, wakeup: &mut Wakeup, shutdown_sent: &mut bool) {
-        if self.channel.ensure().is_ok() && wakeup.fifo.is_none() {
+        if let Ok(true) = self.channel.ensure() {
             wakeup.open_fifo(&self.channel.path(protocol::WAKE_FIFO));
         }
         if wakeup.shutdown.load(Ordering::Relaxed) && !*shutdown_sent {
@@ -392,7 +387,11 @@ impl Daemon {
     fn perform(&mut self, effect: Effect) -> Option<Event> {
         match effect {
             Effect::Reply { id, reply } => {
-                let slot = self.slots.remove(&id).unwrap_or(Slot::Legacy);
+                let Some(slot) = self.slots.remove(&id) else {
+                    // Never to another client's slot; this is a bug.
+                    log::error!("dropping a reply to unknown request {id:?}: {reply:?}");
+                    return None;
+                };
                 let level = if reply.action == "status" && reply.fail_reason.is_none() {
                     log::Level::Debug
                 } else {
@@ -455,7 +454,9 @@ impl Daemon {
             text,
             0o644,
             None,
-            true,
+            // No fsync: the rename is atomic, and a power loss ends the
+            // builds too; a sync here could stall the loop for seconds.
+            false,
         ) {
             Ok(()) => {
                 if self.state_save_failed {
@@ -486,7 +487,7 @@ impl Daemon {
             self.last_heartbeat = Some(Instant::now());
         }
         if self.last_sweep.elapsed() >= SWEEP_EVERY {
-            self.channel.sweep(Duration::from_secs(600));
+            self.channel.sweep(false);
             self.last_sweep = Instant::now();
         }
     }
@@ -495,11 +496,13 @@ impl Daemon {
     /// its mtime says when it last looked.
     fn heartbeat(&mut self) {
         let path = self.channel.path(protocol::ALIVE_FILE);
-        let touched = fs::OpenOptions::new()
-            .write(true)
-            .open(&path)
-            .and_then(|f| f.set_modified(std::time::SystemTime::now()));
-        if touched.is_err() {
+        // The first beat writes who we are (the file may be a dead
+        // daemon's); later ones only refresh the mtime.
+        let touched = self.last_heartbeat.is_some()
+            && crate::fsutil::open_existing_for_write(&path)
+                .and_then(|f| f.set_modified(std::time::SystemTime::now()))
+                .is_ok();
+        if !touched {
             let text = format!(
                 "pid: {}\nversion: {}\nstarted_at: {}\nchannel: {}\nworkspace: {}\n",
                 std::process::id(),

@@ -94,15 +94,15 @@ impl Processes {
         req: &BuildRequest,
     ) -> Result<(i32, ProcessId), String> {
         let log_dir = req.workdir.join("log");
-        crate::fsutil::ensure_dir(&log_dir)
-            .map_err(|e| format!("cannot create {}: {e}", log_dir.display()))?;
+        crate::fsutil::ensure_real_dir(&log_dir)
+            .map_err(|e| format!("cannot use {}: {e}", log_dir.display()))?;
         // Keep the previous build's log instead of deleting it.
         let log = log_dir.join("log.appsdk");
         if log.exists() {
             let _ = fs::rename(&log, log_dir.join("log.appsdk.previous"));
         }
         let console_path = log_dir.join("console.log");
-        let console = fs::File::create(&console_path)
+        let console = crate::fsutil::create_fresh(&console_path, 0o644)
             .map_err(|e| format!("cannot create {}: {e}", console_path.display()))?;
         let console2 = console
             .try_clone()
@@ -154,8 +154,8 @@ impl Processes {
     /// Starts `appsdk exampleyamls` in `workdir`.
     pub fn spawn_getyaml(&mut self, sdk: &SdkConfig, job: JobId, workdir: &Path) -> Option<Event> {
         let out_path = workdir.join("log").join("getyaml.log");
-        let spawned = crate::fsutil::ensure_dir(&workdir.join("log"))
-            .and_then(|_| fs::File::create(&out_path))
+        let spawned = crate::fsutil::ensure_real_dir(&workdir.join("log"))
+            .and_then(|_| crate::fsutil::create_fresh(&out_path, 0o644))
             .and_then(|out| {
                 let err = out.try_clone()?;
                 Command::new("bash")
@@ -484,7 +484,7 @@ fn remove_dir_on(dir: &Path, dev: u64) -> Result<(), String> {
 /// Loads the persisted state; a missing file is a fresh start, a corrupt one
 /// is kept aside (never silently overwritten) and a fresh start made.
 pub fn load_state(path: &Path) -> Persisted {
-    match fs::read(path) {
+    match crate::fsutil::read_capped(path, 16 << 20).map(|(bytes, _, _)| bytes) {
         Ok(bytes) => match serde_json::from_slice(&bytes) {
             Ok(p) => p,
             Err(e) => {

@@ -61,7 +61,7 @@ pub fn write_atomic(
         // The mode must not depend on the umask of whoever started us.
         f.set_permissions(std::os::unix::fs::PermissionsExt::from_mode(mode))?;
         if let Some(o) = owner {
-            std::os::unix::fs::fchown(&f, Some(o.uid), Some(o.gid))?;
+            give_away(std::os::unix::fs::fchown(&f, Some(o.uid), Some(o.gid)));
         }
         if sync {
             f.sync_all()?;
@@ -139,11 +139,12 @@ pub fn ensure_dir(dir: &Path) -> io::Result<()> {
     Ok(())
 }
 
-/// Creates the FIFO `path` unless a FIFO is already there.
-pub fn ensure_fifo(path: &Path, owner: Option<Owner>) -> io::Result<()> {
+/// Creates the FIFO `path` unless a FIFO is already there; says whether
+/// it made one.
+pub fn ensure_fifo(path: &Path, owner: Option<Owner>) -> io::Result<bool> {
     use std::os::unix::fs::FileTypeExt;
     match fs::symlink_metadata(path) {
-        Ok(md) if md.file_type().is_fifo() => return Ok(()),
+        Ok(md) if md.file_type().is_fifo() => return Ok(false),
         Ok(_) => fs::remove_file(path)?,
         Err(e) if e.kind() == io::ErrorKind::NotFound => {}
         Err(e) => return Err(e),
@@ -160,9 +161,21 @@ pub fn ensure_fifo(path: &Path, owner: Option<Owner>) -> io::Result<()> {
     // Anyone who may write requests may poke the daemon awake.
     fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(0o622))?;
     if let Some(o) = owner {
-        std::os::unix::fs::chown(path, Some(o.uid), Some(o.gid))?;
+        give_away(std::os::unix::fs::chown(path, Some(o.uid), Some(o.gid)));
     }
-    Ok(())
+    Ok(true)
+}
+
+static CHOWN_WARNED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Ownership is a courtesy to the other side (the files are readable by
+/// all anyway): a daemon without CAP_CHOWN still works, and says so once.
+fn give_away(result: io::Result<()>) {
+    if let Err(e) = result {
+        if !CHOWN_WARNED.swap(true, Ordering::Relaxed) {
+            log::warn!("cannot hand channel files to the channel's owner ({e}); they stay root's, readable by all");
+        }
+    }
 }
 
 /// Writes one byte to the daemon's wake-up FIFO, if someone reads it.
@@ -177,13 +190,68 @@ pub fn poke(fifo: &Path) {
     }
 }
 
-/// Opens a file for appending, creating it with `mode`.
+/// Opens a regular file for appending, creating it with `mode`. Never
+/// follows a symlink nor blocks on a FIFO: something other than a regular
+/// file in its place is an error.
 pub fn open_append(path: &Path, mode: u32) -> io::Result<File> {
+    regular(
+        OpenOptions::new()
+            .append(true)
+            .create(true)
+            .mode(mode)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+            .open(path)?,
+    )
+}
+
+/// Opens an existing regular file for writing, the same careful way.
+pub fn open_existing_for_write(path: &Path) -> io::Result<File> {
+    regular(
+        OpenOptions::new()
+            .write(true)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+            .open(path)?,
+    )
+}
+
+/// Creates `path` afresh (whatever was there is removed first, a
+/// directory excepted), without following a symlink.
+pub fn create_fresh(path: &Path, mode: u32) -> io::Result<File> {
+    remove_if_present(path)?;
     OpenOptions::new()
-        .append(true)
-        .create(true)
+        .write(true)
+        .create_new(true)
         .mode(mode)
+        .custom_flags(libc::O_NOFOLLOW)
         .open(path)
+}
+
+/// Creates the directory `dir` if missing; refuses a symlink in its place
+/// (the daemon runs as root: it must not be steered elsewhere).
+pub fn ensure_real_dir(dir: &Path) -> io::Result<()> {
+    match fs::symlink_metadata(dir) {
+        Ok(md) if md.is_dir() => Ok(()),
+        Ok(_) => Err(io::Error::new(
+            io::ErrorKind::AlreadyExists,
+            format!(
+                "{} is not a directory (a symlink?); remove it",
+                dir.display()
+            ),
+        )),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => ensure_dir(dir),
+        Err(e) => Err(e),
+    }
+}
+
+fn regular(f: File) -> io::Result<File> {
+    if f.metadata()?.is_file() {
+        Ok(f)
+    } else {
+        Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "not a regular file",
+        ))
+    }
 }
 
 /// Removes a file; a file that is already gone counts as removed.

@@ -1131,7 +1131,7 @@ impl Machine {
             });
             self.state = State::Stopping {
                 build,
-                deadline: now + self.config.grace_ms,
+                deadline: now.saturating_add(self.config.grace_ms),
                 killed: false,
                 exit: None,
                 waiters,

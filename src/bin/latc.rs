@@ -11,7 +11,7 @@ use latd::clock::{human_duration, iso8601, wall_now};
 use latd::machine::{BuildRecord, Outcome};
 use latd::protocol::{Action, Reply, ReplyResult};
 use std::io::Write;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -253,9 +253,9 @@ fn main() {
     };
     let workspace = cli::workspace(args.workspace.clone());
     let timeout = match cli::num_setting(args.timeout, "LATC_TIMEOUT", 60.0) {
-        Ok(t) if t.is_finite() && t > 0.0 => Duration::from_secs_f64(t),
+        Ok(t) if t > 0.0 && t <= 86_400.0 * 365.0 => Duration::from_secs_f64(t),
         _ => {
-            out.error("--timeout must be a positive number of seconds");
+            out.error("--timeout must be a positive number of seconds, at most a year");
             std::process::exit(EXIT_USAGE);
         }
     };
@@ -306,7 +306,12 @@ fn run(client: &Client, args: &Args, command: Command, out: &Out) -> Result<i32,
                 return follow_current(client, true, false, out);
             }
             let reply = client.request(Action::Logs, None)?;
-            print_reply_file(client, &reply, reply.log_file_path.clone(), "log", out)
+            Ok(print_reply_file(
+                &reply,
+                reply.log_file_path.as_deref(),
+                "log",
+                out,
+            ))
         }
         Command::Clean(_) => {
             let reply = client.request(Action::Clean, None)?;
@@ -318,13 +323,12 @@ fn run(client: &Client, args: &Args, command: Command, out: &Out) -> Result<i32,
         }
         Command::Getyaml(_) => {
             let reply = client.request(Action::Getyaml, None)?;
-            print_reply_file(
-                client,
+            Ok(print_reply_file(
                 &reply,
-                reply.yaml_file_path.clone(),
+                reply.yaml_file_path.as_deref(),
                 "example YAML",
                 out,
-            )
+            ))
         }
         Command::Wait(w) => follow_current(client, w.follow, w.stop_on_interrupt, out),
         Command::History(h) => history(client, args.json, h.limit),
@@ -361,35 +365,27 @@ fn refused(reply: &Reply, out: &Out) -> i32 {
     EXIT_FAILED
 }
 
-fn print_reply_file(
-    client: &Client,
-    reply: &Reply,
-    path: Option<PathBuf>,
-    what: &str,
-    out: &Out,
-) -> Result<i32, ClientError> {
+/// Prints the file a successful reply points to (the log, the example
+/// YAML) on stdout.
+fn print_reply_file(reply: &Reply, path: Option<&Path>, what: &str, out: &Out) -> i32 {
     if reply.result == ReplyResult::Fail {
-        return Ok(refused(reply, out));
+        return refused(reply, out);
     }
-    let name = path
-        .as_deref()
-        .and_then(|p| p.file_name())
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    match std::fs::read(path.as_deref().unwrap_or(std::path::Path::new(&name))) {
+    let Some(path) = path else {
+        out.error(&format!("latd's reply names no {what} file"));
+        return EXIT_FAILED;
+    };
+    match std::fs::read(path) {
         Ok(bytes) => {
             let _ = std::io::stdout().write_all(&bytes);
-            Ok(EXIT_OK)
+            EXIT_OK
         }
         Err(e) => {
-            let _ = client;
             out.error(&format!(
-                "latd named the {what} {} but it cannot be read here: {e}",
-                path.as_deref()
-                    .map(|p| p.display().to_string())
-                    .unwrap_or_default()
+                "latd named the {what} {} but it cannot be read here: {e} (is the workspace mounted at the same path on both sides?)",
+                path.display()
             ));
-            Ok(EXIT_FAILED)
+            EXIT_FAILED
         }
     }
 }
@@ -470,18 +466,15 @@ fn watch(
         if last_status.elapsed() >= Duration::from_millis(250) {
             last_status = Instant::now();
             let doc = client.status_doc()?;
-            current = doc
-                .build
-                .filter(|b| id.is_none_or(|i| b.id == i))
-                .or(current);
-            if current.is_none() {
-                // The build we wait for is no longer the current one: look
-                // it up in the history.
-                current = client
+            current = match doc.build.filter(|b| id.is_none_or(|i| b.id == i)) {
+                Some(b) => Some(b),
+                // Another build is current now: ours ended; its record is
+                // in the history.
+                None => client
                     .history()
                     .ok()
-                    .and_then(|h| h.into_iter().find(|b| Some(b.id) == id));
-            }
+                    .and_then(|h| h.into_iter().rev().find(|b| Some(b.id) == id)),
+            };
         }
         let Some(build) = current.clone() else {
             out.error("the build is neither running nor in the history");
@@ -501,12 +494,15 @@ fn watch(
             follower = Some(f);
             let elapsed = human_duration(build.duration_ms(wall_now()));
             if out.tty && !out.quiet {
-                let mut line = format!(
+                let line: String = format!(
                     "[build {} {} {elapsed}] {last_line}",
                     build.id,
                     if stop_sent { "stopping" } else { "running" }
-                );
-                line.truncate(terminal_width().saturating_sub(1));
+                )
+                .chars()
+                .filter(|c| !c.is_control())
+                .take(terminal_width().saturating_sub(1))
+                .collect();
                 eprint!("\r\x1b[K{line}");
             } else if !out.quiet && last_plain.elapsed() >= Duration::from_secs(10) {
                 last_plain = Instant::now();

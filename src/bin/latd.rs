@@ -84,11 +84,10 @@ fn settings(args: Args) -> Result<Settings, String> {
     let channel = cli::channel(args.channel, &workspace);
     let sdk_dir = cli::path_setting(args.sdk, "LAT_SDK_DIR", || PathBuf::from(cli::DEFAULT_SDK));
     let secs = |v: f64, what: &str| {
-        if v.is_finite() && v >= 0.0 {
-            Ok(Duration::from_secs_f64(v))
-        } else {
-            Err(format!("{what} must be a non-negative number of seconds"))
-        }
+        Duration::try_from_secs_f64(v)
+            .ok()
+            .filter(|d| *d <= Duration::from_secs(86_400 * 365))
+            .ok_or_else(|| format!("{what} must be a number of seconds from 0 to a year"))
     };
     let grace = secs(
         cli::num_setting(args.grace, "LATD_GRACE_SECS", 20.0)?,
