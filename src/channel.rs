@@ -493,7 +493,8 @@ impl Channel {
         let append =
             || fsutil::open_append(&path, 0o644).and_then(|mut f| f.write_all(line.as_bytes()));
         let appended = append().or_else(|e| {
-            if e.kind() != io::ErrorKind::InvalidInput {
+            let regular = fs::symlink_metadata(&path).map_or(true, |m| m.is_file());
+            if regular {
                 return Err(e);
             }
             // Something other than a regular file took its place: replace it.

@@ -211,22 +211,22 @@ pub fn run(settings: Settings) -> Result<(), String> {
     let state_path = channel.path(protocol::STATE_FILE);
     let persisted = effects::load_state(&state_path);
     let tag = settings.channel.to_string_lossy().into_owned();
+    // Whatever a previous latd on this channel started and left running
+    // (it was killed, or crashed) carries the channel's mark: kill it. The
+    // state file names pids too, but it lies in the shared channel, and a
+    // pid in it is not proof enough to kill.
+    let stray = effects::kill_tagged(&tag);
     let interrupted = match persisted.current.as_ref() {
         Some(b) => {
-            let mut what = b
-                .process
-                .as_ref()
-                .map(effects::kill_leftover_build)
-                .unwrap_or_else(|| "its process id was never recorded".into());
-            let stray = effects::kill_tagged(&tag);
-            if stray > 0 {
-                what = format!("{what}; {stray} more of its processes were killed");
-            }
+            let what = if stray > 0 {
+                format!("its {stray} leftover processes were killed")
+            } else {
+                "none of its processes were left".to_string()
+            };
             log::warn!("build {} was running when latd stopped; {what}", b.id);
             format!("interrupted: latd was restarted while this build ran; {what}")
         }
         None => {
-            let stray = effects::kill_tagged(&tag);
             if stray > 0 {
                 log::warn!("killed {stray} processes a previous latd left behind");
             }
@@ -299,6 +299,7 @@ pub fn run(settings: Settings) -> Result<(), String> {
         let timeout = d.next_timeout();
         wakeup.wait(timeout);
     }
+    d.procs.kill_jobs();
     let _ = fs::remove_file(d.channel.path(protocol::ALIVE_FILE));
     log::info!("latd exiting");
     Ok(())

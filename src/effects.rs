@@ -41,6 +41,7 @@ pub fn example_yaml(workdir: &Path) -> PathBuf {
 struct RunningBuild {
     build_id: u64,
     pgid: i32,
+    log_file: PathBuf,
     leader_exit: Option<Exit>,
     exit_reported: bool,
 }
@@ -71,6 +72,7 @@ impl Processes {
                 self.build = Some(RunningBuild {
                     build_id,
                     pgid: pid,
+                    log_file: req.workdir.join("log").join("log.appsdk"),
                     leader_exit: None,
                     exit_reported: false,
                 });
@@ -185,12 +187,13 @@ impl Processes {
         }
     }
 
-    /// Signals the whole process group of a build, and any orphan of it
-    /// that escaped the group.
+    /// Signals the whole process group of a build, and every process of it
+    /// that left the group (`setsid`): as we are their subreaper, they are
+    /// still our descendants.
     pub fn signal(&mut self, build_id: u64, sig: Sig) {
-        let signo = match sig {
-            Sig::Term => libc::SIGTERM,
-            Sig::Kill => libc::SIGKILL,
+        let (signo, name) = match sig {
+            Sig::Term => (libc::SIGTERM, "SIGTERM"),
+            Sig::Kill => (libc::SIGKILL, "SIGKILL"),
         };
         let Some(pgid) = self
             .build
@@ -200,48 +203,47 @@ impl Processes {
         else {
             return;
         };
-        let name = if sig == Sig::Term {
-            "SIGTERM"
-        } else {
-            "SIGKILL"
-        };
         log::info!("build {build_id}: sending {name} to process group {pgid}");
         // SAFETY: killpg has no memory effects.
         unsafe {
             libc::killpg(pgid, signo);
         }
-        if sig == Sig::Kill {
-            for pid in self.unknown_children() {
-                log::warn!("killing pid {pid}, a leftover of build {build_id} outside its group");
+        for pid in self.build_processes() {
+            // SAFETY: as above.
+            if unsafe { libc::getpgid(pid) } != pgid {
+                log::info!("build {build_id}: sending {name} to pid {pid}, outside its group");
                 // SAFETY: as above.
                 unsafe {
-                    libc::kill(pid, libc::SIGKILL);
+                    libc::kill(pid, signo);
                 }
             }
         }
     }
 
-    /// Children of ours that are neither the build leader nor a getyaml job:
-    /// build processes orphaned to us that left the build's group.
-    fn unknown_children(&self) -> Vec<i32> {
+    /// Our descendants except getyaml jobs and theirs: with one build at a
+    /// time, these are the build's processes, wherever they moved.
+    fn build_processes(&self) -> Vec<i32> {
         let mut out = Vec::new();
-        let Ok(tasks) = fs::read_dir("/proc/self/task") else {
-            return out;
-        };
-        for t in tasks.flatten() {
-            if let Ok(list) = fs::read_to_string(t.path().join("children")) {
-                for pid in list
-                    .split_whitespace()
-                    .filter_map(|p| p.parse::<i32>().ok())
-                {
-                    let is_leader = self.build.as_ref().is_some_and(|b| b.pgid == pid);
-                    if !is_leader && !self.yaml_jobs.contains_key(&pid) {
-                        out.push(pid);
-                    }
+        let mut queue = vec![std::process::id() as i32];
+        while let Some(parent) = queue.pop() {
+            for pid in children_of(parent) {
+                if !self.yaml_jobs.contains_key(&pid) {
+                    out.push(pid);
+                    queue.push(pid);
                 }
             }
         }
         out
+    }
+
+    /// Kills getyaml jobs (on exit: nothing latd started outlives it).
+    pub fn kill_jobs(&mut self) {
+        for &pid in self.yaml_jobs.keys() {
+            // SAFETY: killpg has no memory effects; each job leads its group.
+            unsafe {
+                libc::killpg(pid, libc::SIGKILL);
+            }
+        }
     }
 
     /// Reaps every exited child and reports what ended.
@@ -276,9 +278,11 @@ impl Processes {
                 log::debug!("reaped pid {pid} ({})", describe_exit(exit));
             }
         }
+        let escapees = self.build.as_ref().is_some_and(|b| b.leader_exit.is_some())
+            && !self.build_processes().is_empty();
         if let Some(b) = self.build.as_mut() {
             if let Some(exit) = b.leader_exit {
-                let alive = group_alive(b.pgid);
+                let alive = group_alive(b.pgid) || escapees;
                 if !b.exit_reported {
                     b.exit_reported = true;
                     log::info!(
@@ -290,6 +294,7 @@ impl Processes {
                         build_id: b.build_id,
                         exit,
                         group_alive: alive,
+                        deployed: log_shows_success(&b.log_file),
                     });
                 }
                 if !alive {
@@ -307,6 +312,45 @@ impl Processes {
     pub fn build_running(&self) -> bool {
         self.build.is_some()
     }
+}
+
+/// The SDK's last log line on success.
+pub const SUCCESS_LINE: &str = "DEBUG: Deploy ovmf.qcow2";
+
+/// Does the log end with the SDK's success line? (Reads only its tail.)
+fn log_shows_success(log: &Path) -> bool {
+    use std::io::{Read, Seek, SeekFrom};
+    let Ok(mut f) = crate::fsutil::open_regular_read(log) else {
+        return false;
+    };
+    let len = f.metadata().map(|m| m.len()).unwrap_or(0);
+    let mut tail = Vec::new();
+    if f.seek(SeekFrom::Start(len.saturating_sub(4096))).is_err()
+        || f.read_to_end(&mut tail).is_err()
+    {
+        return false;
+    }
+    String::from_utf8_lossy(&tail)
+        .lines()
+        .rev()
+        .find(|l| !l.trim().is_empty())
+        .is_some_and(|l| l.contains(SUCCESS_LINE))
+}
+
+/// The children of `pid` (all its threads'), from /proc.
+fn children_of(pid: i32) -> Vec<i32> {
+    let mut out = Vec::new();
+    if let Ok(tasks) = fs::read_dir(format!("/proc/{pid}/task")) {
+        for t in tasks.flatten() {
+            if let Ok(list) = fs::read_to_string(t.path().join("children")) {
+                out.extend(
+                    list.split_whitespace()
+                        .filter_map(|p| p.parse::<i32>().ok()),
+                );
+            }
+        }
+    }
+    out
 }
 
 fn decode_status(status: i32) -> Exit {
@@ -337,35 +381,6 @@ pub fn process_start_ticks(pid: i32) -> Option<u64> {
     // The command name may contain spaces; fields resume after the last ')'.
     let rest = &stat[stat.rfind(')')? + 2..];
     rest.split_whitespace().nth(19)?.parse().ok()
-}
-
-/// Kills what is left of a build that a previous daemon ran (it was killed
-/// or crashed). Returns a description of what was found.
-pub fn kill_leftover_build(process: &ProcessId) -> String {
-    let pgid = process.pid as i32;
-    if pgid <= 1 || !group_alive(pgid) {
-        return "none of its processes were left".into();
-    }
-    // A live leader with another start time is an unrelated process that
-    // reused the pid. A group without its leader cannot have been reused:
-    // the kernel does not hand out a pid still in use as a group id.
-    match process_start_ticks(pgid) {
-        Some(t) if process.start_ticks != 0 && t != process.start_ticks => {
-            return "its process id now belongs to another process; nothing was killed".into();
-        }
-        _ => {}
-    }
-    // SAFETY: killpg has no memory effects.
-    unsafe {
-        libc::killpg(pgid, libc::SIGKILL);
-    }
-    for _ in 0..100 {
-        if !group_alive(pgid) {
-            break;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(10));
-    }
-    format!("its leftover processes (group {pgid}) were killed")
 }
 
 /// Kills every process that carries `TAG_VAR=tag` in its environment: what

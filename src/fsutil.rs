@@ -243,6 +243,17 @@ pub fn ensure_real_dir(dir: &Path) -> io::Result<()> {
     }
 }
 
+/// Opens a regular file for reading, without following a symlink or
+/// blocking on a FIFO.
+pub fn open_regular_read(path: &Path) -> io::Result<File> {
+    regular(
+        OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+            .open(path)?,
+    )
+}
+
 fn regular(f: File) -> io::Result<File> {
     if f.metadata()?.is_file() {
         Ok(f)

@@ -265,11 +265,13 @@ pub enum Event {
         build_id: u64,
         reason: String,
     },
-    /// The build's leader was reaped; `group_alive` if others remain.
+    /// The build's leader was reaped; `group_alive` if others remain;
+    /// `deployed` if the SDK's log ends with its success line.
     BuildExited {
         build_id: u64,
         exit: Exit,
         group_alive: bool,
+        deployed: bool,
     },
     /// No process of the build's group remains.
     GroupGone {
@@ -432,8 +434,9 @@ pub enum Does {
     StoppedLeaderExited,
     /// The stopped build's group is gone: answer the stops.
     StopFinished,
-    /// The grace period is over: SIGKILL the group.
-    KillAfterGrace,
+    /// At the deadline: after the grace period, SIGKILL the group; after
+    /// the wait that follows, finish the stop even if processes remain.
+    StopDeadline,
     CleanFinished,
     YamlFinished,
     /// Stop the build, then exit.
@@ -462,6 +465,10 @@ const IDLE: &[StateKind] = &[StateKind::Idle];
 const BUILDING: &[StateKind] = &[StateKind::Building];
 const STOPPING: &[StateKind] = &[StateKind::Stopping];
 const CLEANING: &[StateKind] = &[StateKind::Cleaning];
+
+/// After SIGKILL, how long to wait for the build's processes to go
+/// before the stop is finished anyway.
+pub const KILL_WAIT_MS: Millis = 10_000;
 
 const BUILD_RUNNING: &str = "a build is already running";
 const STOP_RUNNING: &str = "a build is being stopped";
@@ -518,7 +525,7 @@ pub fn rule(state: StateKind, event: EventKind) -> Rule {
         (S::Stopping, E::GroupGone) => {
             rule_to(&[StateKind::Idle, StateKind::Stopping], StopFinished)
         }
-        (S::Stopping, E::Tick) => rule_to(STOPPING, KillAfterGrace),
+        (S::Stopping, E::Tick) => rule_to(&[StateKind::Stopping, StateKind::Idle], StopDeadline),
         (S::Idle | S::Building | S::Cleaning, E::GroupGone) => rule_to(state_slice(state), Ignore),
         (S::Idle | S::Building | S::Cleaning, E::Tick) => rule_to(state_slice(state), Ignore),
 
@@ -582,6 +589,8 @@ pub enum State {
         /// Whether a stop was asked for (by a client or a shutdown); if
         /// not, the build ended by itself and only its leftovers are killed.
         requested: bool,
+        /// The SDK's log ended with its success line when the leader exited.
+        deployed: bool,
     },
     Cleaning {
         job: JobId,
@@ -664,11 +673,7 @@ impl Machine {
     /// When the machine next needs a [`Event::Tick`], if ever.
     pub fn poll_timeout(&self) -> Option<Millis> {
         match &self.state {
-            State::Stopping {
-                deadline,
-                killed: false,
-                ..
-            } => Some(*deadline),
+            State::Stopping { deadline, .. } => Some(*deadline),
             _ => None,
         }
     }
@@ -872,6 +877,7 @@ impl Machine {
                     build_id,
                     exit,
                     group_alive,
+                    ..
                 },
             ) => {
                 if let State::Building { build, starting } = &mut self.state {
@@ -898,12 +904,13 @@ impl Machine {
                         let build = build.clone();
                         self.state = State::Stopping {
                             build,
-                            deadline: now,
+                            deadline: now.saturating_add(KILL_WAIT_MS),
                             killed: true,
                             exit: Some(exit),
                             waiters: Vec::new(),
                             then_exit: false,
                             requested: false,
+                            deployed: false,
                         };
                         return;
                     }
@@ -942,11 +949,13 @@ impl Machine {
                 if let State::Stopping {
                     then_exit,
                     requested,
+                    exit,
                     ..
                 } = &mut self.state
                 {
                     *then_exit = true;
-                    *requested = true;
+                    // A build that already ended by itself keeps its result.
+                    *requested |= exit.is_none();
                 }
             }
             (
@@ -955,13 +964,21 @@ impl Machine {
                     build_id,
                     exit: leader_exit,
                     group_alive,
+                    deployed: done,
                 },
             ) => {
-                if let State::Stopping { build, exit, .. } = &mut self.state {
+                if let State::Stopping {
+                    build,
+                    exit,
+                    deployed,
+                    ..
+                } = &mut self.state
+                {
                     if build.id != build_id {
                         return;
                     }
                     *exit = Some(leader_exit);
+                    *deployed = done;
                     if !group_alive {
                         self.end_stop(now, fx);
                     }
@@ -974,7 +991,7 @@ impl Machine {
                     }
                 }
             }
-            (Does::KillAfterGrace, Event::Tick) => {
+            (Does::StopDeadline, Event::Tick) => {
                 if let State::Stopping {
                     build,
                     deadline,
@@ -982,12 +999,20 @@ impl Machine {
                     ..
                 } = &mut self.state
                 {
-                    if !*killed && now >= *deadline {
+                    if now < *deadline {
+                        return;
+                    }
+                    if !*killed {
                         *killed = true;
+                        *deadline = now.saturating_add(KILL_WAIT_MS);
                         fx.push(Effect::Signal {
                             build_id: build.id,
                             sig: Sig::Kill,
                         });
+                    } else {
+                        // SIGKILL cannot end a process stuck in the kernel
+                        // (a hung mount): stop waiting, say so, go on.
+                        self.end_stop(now, fx);
                     }
                 }
             }
@@ -1137,6 +1162,7 @@ impl Machine {
                 waiters,
                 then_exit,
                 requested: true,
+                deployed: false,
             };
         }
     }
@@ -1149,23 +1175,29 @@ impl Machine {
             then_exit,
             killed,
             requested,
+            deployed,
             ..
         } = std::mem::replace(&mut self.state, State::Idle)
         else {
             return;
         };
         let mut build = build;
-        // A build that finished on its own keeps its result (the caller may
-        // stop right after the success line, while appsdk is exiting).
+        let stuck = if exit.is_none() {
+            " (its processes did not end after SIGKILL: stuck in the kernel, e.g. on a hung mount?)"
+        } else {
+            ""
+        };
+        // A build that had finished keeps its result: the deployed caller
+        // stops right after the success line, while appsdk may be exiting.
         let (outcome, reason) = match exit {
-            Some(Exit::Code(0)) => (Outcome::Succeeded, None),
+            _ if deployed => (Outcome::Succeeded, None),
             Some(e) if !requested => natural_outcome(e, &build.log_file),
             _ => (
                 Outcome::Stopped,
                 Some(if then_exit {
-                    "stopped because latd was shut down".to_string()
+                    format!("stopped because latd was shut down{stuck}")
                 } else if killed {
-                    "stopped by request (killed after the grace period)".to_string()
+                    format!("stopped by request (killed after the grace period){stuck}")
                 } else {
                     "stopped by request".to_string()
                 }),

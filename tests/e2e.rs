@@ -636,3 +636,53 @@ fn wait_reports_an_unreachable_daemon_with_its_own_code() {
     assert_eq!(o.status.code(), Some(3), "{}", stderr(&o));
     assert!(stderr(&o).contains("no reply from latd"), "{}", stderr(&o));
 }
+
+#[test]
+fn stop_reaches_processes_that_left_the_group() {
+    let env = TestEnv::new("escape");
+    fs::create_dir_all(env.ws.join("hack")).unwrap();
+    // A build step that daemonizes: a new session, out of the build's group.
+    fs::write(
+        env.ws.join("hack/lat-genimage-cmd"),
+        "setsid sleep 300 < /dev/null > /dev/null 2>&1 &\nexec appsdk --log-dir log genimage \"$PWD/lat.yaml\"\n",
+    )
+    .unwrap();
+    let yaml = env.yaml("lat.yaml", "standin_duration: 60");
+    let _d = env.daemon_with(&["--grace", "1", "--allow-hack-cmd"]);
+    assert!(env
+        .latc(&["build", "--file", yaml.to_str().unwrap()])
+        .status
+        .success());
+    env.wait_workers();
+    assert!(
+        env.leftover_processes()
+            .iter()
+            .any(|p| p.contains("sleep 300")),
+        "the escapee did not start: {:?}",
+        env.leftover_processes()
+    );
+    let o = env.latc(&["stop"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(
+        env.leftover_processes().is_empty(),
+        "{:?}",
+        env.leftover_processes()
+    );
+}
+
+#[test]
+fn a_stopped_build_is_stopped_even_if_appsdk_exits_0_on_sigterm() {
+    let env = TestEnv::new("term0");
+    let _d = env.daemon();
+    let yaml = env.yaml("lat.yaml", "standin_duration: 60\nstandin_term_exit: 0");
+    assert!(env
+        .latc(&["build", "--file", yaml.to_str().unwrap()])
+        .status
+        .success());
+    env.wait_workers();
+    assert!(env.latc(&["stop"]).status.success());
+    let s = env.status_json();
+    assert_eq!(s["build_status"], "fail", "{s}");
+    assert_eq!(s["build"]["outcome"], "stopped");
+    assert_eq!(s["build"]["exit_code"], 0);
+}

@@ -1670,3 +1670,50 @@ fn sigkill_right_after_the_build_is_forked() {
     }
     panic!("latd was never killed between the fork and saving the process id");
 }
+
+/// FIFOs (and symlinks) planted where latd writes its own files must not
+/// hang it or steer its writes: it keeps answering.
+#[test]
+fn fifos_in_place_of_latds_files_do_not_hang_it() {
+    let env = TestEnv::new("fifos");
+    let _d = env.daemon();
+    let mkfifo = |p: &std::path::Path| {
+        let _ = fs::remove_file(p);
+        let c = std::ffi::CString::new(p.to_str().unwrap()).unwrap();
+        // SAFETY: c is a valid path.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o644) }, 0);
+    };
+    mkfifo(&env.channel.join("latd.alive"));
+    mkfifo(&env.channel.join("client_message_history"));
+    fs::create_dir_all(env.ws.join("log")).unwrap();
+    mkfifo(&env.ws.join("log/console.log"));
+    let outside = env.root.join("outside-target");
+    fs::write(&outside, "keep").unwrap();
+    std::os::unix::fs::symlink(&outside, env.ws.join("log/getyaml.log")).unwrap();
+    // latd rewrites its heartbeat within a couple of seconds.
+    wait_until(
+        Duration::from_secs(10),
+        "latd.alive to be a file again",
+        || fs::symlink_metadata(env.channel.join("latd.alive")).is_ok_and(|m| m.is_file()),
+    );
+    let o = env.latc(&["status"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let o = env.latc(&["getyaml"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(
+        fs::read_to_string(&outside).unwrap(),
+        "keep",
+        "a write followed a symlink"
+    );
+    let yaml = env.yaml("lat.yaml", "standin_duration: 0.2");
+    let o = env.latc(&["build", "--file", yaml.to_str().unwrap(), "--wait"]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    assert!(fs::symlink_metadata(env.ws.join("log/console.log"))
+        .unwrap()
+        .is_file());
+    assert!(
+        fs::symlink_metadata(env.channel.join("client_message_history"))
+            .unwrap()
+            .is_file()
+    );
+}

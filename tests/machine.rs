@@ -228,6 +228,7 @@ fn exit0(r: &mut Rig) -> Event {
         build_id: r.bid(),
         exit: Exit::Code(0),
         group_alive: false,
+        deployed: false,
     }
 }
 /// The leader died of the SIGTERM and took its whole group with it.
@@ -236,6 +237,7 @@ fn term_exit(r: &mut Rig) -> Event {
         build_id: r.bid(),
         exit: Exit::Signal(15),
         group_alive: false,
+        deployed: false,
     }
 }
 fn group_gone(r: &mut Rig) -> Event {
@@ -298,6 +300,7 @@ fn stopping_reaped() -> Rig {
         build_id: r.bid(),
         exit: Exit::Signal(15),
         group_alive: true,
+        deployed: false,
     });
     assert!(fx.is_empty(), "{fx:#?}");
     r
@@ -633,6 +636,7 @@ fn build_exiting_nonzero_fails_with_the_code_in_the_reason() {
         build_id: r.bid(),
         exit: Exit::Code(3),
         group_alive: false,
+        deployed: false,
     });
     let st = r.m.status(r.now);
     assert_eq!(
@@ -655,6 +659,7 @@ fn build_killed_by_a_signal_fails_naming_the_signal() {
         build_id: r.bid(),
         exit: Exit::Signal(11),
         group_alive: false,
+        deployed: false,
     });
     let b = r.last_build();
     assert_eq!((b.outcome, b.signal), (Outcome::Failed, Some(11)));
@@ -674,6 +679,7 @@ fn stop_during_build_terms_and_answers_once_the_group_is_gone() {
         build_id: r.bid(),
         exit: Exit::Signal(15),
         group_alive: true,
+        deployed: false,
     });
     assert!(fx.is_empty(), "{fx:#?}");
     assert_eq!(r.kind(), StateKind::Stopping);
@@ -717,14 +723,19 @@ fn stop_grace_expiry_kills_only_after_the_deadline() {
 
     r.now = deadline;
     assert_eq!(signals(&r.go(tick)), vec![(1, Sig::Kill)]);
-    assert_eq!(r.m.poll_timeout(), None, "no more deadline once killed");
-    r.now += GRACE;
+    assert_eq!(
+        r.m.poll_timeout(),
+        Some(deadline + KILL_WAIT_MS),
+        "then a wait for the kill to work"
+    );
+    r.now += KILL_WAIT_MS - 1;
     assert!(r.go(tick).is_empty(), "the kill is sent once");
 
     r.go(|r| Event::BuildExited {
         build_id: r.bid(),
         exit: Exit::Signal(9),
         group_alive: false,
+        deployed: false,
     });
     assert!(r.open.is_empty());
     let b = r.last_build();
@@ -748,15 +759,45 @@ fn stop_after_the_build_exited_0_keeps_succeed() {
 }
 
 #[test]
-fn stopped_build_whose_leader_exits_0_keeps_succeed() {
+fn stopped_build_that_had_deployed_keeps_succeed() {
     let mut r = stopping();
     let waiter = *r.open.iter().next().unwrap();
-    let fx = r.go(exit0);
+    // The SDK had written its success line; SIGTERM caught it exiting.
+    let fx = r.go(|r| Event::BuildExited {
+        build_id: r.bid(),
+        exit: Exit::Signal(15),
+        group_alive: false,
+        deployed: true,
+    });
     let rep = reply_to(&fx, waiter);
     assert_eq!((rep.result, rep.build_id), (ReplyResult::Succeed, Some(1)));
     let b = r.last_build();
     assert_eq!((b.outcome, b.fail_reason), (Outcome::Succeeded, None));
     assert_eq!(r.m.status(r.now).build_status, "succeed");
+}
+
+#[test]
+fn stopped_build_that_exits_0_without_deploying_is_stopped() {
+    let mut r = stopping();
+    r.go(exit0);
+    let b = r.last_build();
+    assert_eq!(b.outcome, Outcome::Stopped);
+    assert_eq!(r.m.status(r.now).build_status, "fail");
+}
+
+#[test]
+fn stop_gives_up_on_processes_sigkill_cannot_end() {
+    let mut r = stopping();
+    let waiter = *r.open.iter().next().unwrap();
+    r.now += GRACE;
+    assert_eq!(signals(&r.go(tick)), vec![(1, Sig::Kill)]);
+    r.now += KILL_WAIT_MS;
+    let fx = r.go(tick);
+    assert_eq!(reply_to(&fx, waiter).result, ReplyResult::Succeed);
+    assert_eq!(r.kind(), S::Idle);
+    let b = r.last_build();
+    assert_eq!(b.outcome, Outcome::Stopped);
+    assert!(b.fail_reason.unwrap().contains("did not end after SIGKILL"));
 }
 
 #[test]
@@ -766,11 +807,16 @@ fn leader_exit_with_group_alive_kills_the_stragglers() {
         build_id: r.bid(),
         exit: Exit::Code(0),
         group_alive: true,
+        deployed: false,
     });
     check(&fx, &[PERSIST, STATUS, KILL], Some(1), "leader exit");
     // It waits in Stopping until the group is gone, then keeps its result.
     assert_eq!(r.kind(), S::Stopping);
-    assert_eq!(r.m.poll_timeout(), None, "SIGKILL is already sent");
+    assert_eq!(
+        r.m.poll_timeout(),
+        Some(r.now + KILL_WAIT_MS),
+        "SIGKILL is already sent"
+    );
     r.go(|r| Event::GroupGone { build_id: r.bid() });
     assert_eq!(r.kind(), S::Idle);
     assert_eq!(r.last_build().outcome, Outcome::Succeeded);
@@ -783,6 +829,7 @@ fn failed_build_with_stragglers_keeps_its_failure_not_stopped() {
         build_id: r.bid(),
         exit: Exit::Code(2),
         group_alive: true,
+        deployed: false,
     });
     r.go(|r| Event::GroupGone { build_id: r.bid() });
     let b = r.last_build();
@@ -949,6 +996,7 @@ fn shutdown_while_building_stops_then_exits_once_the_group_is_gone() {
         build_id: r.bid(),
         exit: Exit::Signal(15),
         group_alive: true,
+        deployed: false,
     });
     assert!(fx.is_empty());
     let fx = r.go(group_gone);
@@ -1156,6 +1204,7 @@ fn stale_events_change_nothing() {
             build_id: STALE,
             exit: Exit::Code(1),
             group_alive: true,
+            deployed: false,
         },
         Event::GroupGone { build_id: STALE },
         Event::CleanDone {
@@ -1221,6 +1270,7 @@ fn no_new_build_while_the_last_builds_group_is_alive() {
         build_id: r.bid(),
         exit: Exit::Code(0),
         group_alive: true,
+        deployed: false,
     });
     // SIGKILL is on its way; nothing has reported build 1's group gone.
     let fx = r.go(build);
@@ -1241,6 +1291,7 @@ fn stale_outcomes_in_building_and_cleaning_are_ignored() {
         build_id: r.bid() - 1,
         exit: Exit::Code(0),
         group_alive: false,
+        deployed: false,
     };
     let old_clean = |r: &mut Rig| Event::CleanDone {
         job: JobId(r.clean_job.unwrap().0 - 1),
@@ -1449,6 +1500,7 @@ impl World {
                         build_id: b.id,
                         exit: Exit::Code(code),
                         group_alive: b.others,
+                        deployed: false,
                     };
                     self.procq.push_back(ev);
                 }
@@ -1571,6 +1623,7 @@ impl World {
                 build_id: old,
                 exit: Exit::Code(1),
                 group_alive: false,
+                deployed: false,
             },
             3 => Event::GroupGone { build_id: old },
             4 => Event::CleanDone {
@@ -1805,12 +1858,10 @@ impl World {
                 ..
             } => {
                 let d = *deadline;
-                let want = if *killed { None } else { Some(d) };
                 let id = build.id;
-                assert_eq!(self.m.poll_timeout(), want, "{ctx}");
-                // (A build whose leader ended by itself is only waited
-                // for: it got SIGKILL at once, and no grace deadline.)
-                if !*killed || self.sim(id).deadline.is_some() {
+                // The grace deadline, then the wait after SIGKILL.
+                assert_eq!(self.m.poll_timeout(), Some(d), "{ctx}");
+                if !*killed {
                     assert_eq!(self.sim(id).deadline, Some(d), "{ctx}");
                 }
             }
@@ -1842,6 +1893,7 @@ impl World {
                         build_id: id,
                         exit: term_exit,
                         group_alive: b.others,
+                        deployed: false,
                     });
                 } else if others_die && !b.leader {
                     out = Some(Event::GroupGone { build_id: id });
@@ -1854,6 +1906,7 @@ impl World {
                         build_id: id,
                         exit: Exit::Signal(9),
                         group_alive: false,
+                        deployed: false,
                     });
                 } else if b.others {
                     out = Some(Event::GroupGone { build_id: id });
@@ -1884,6 +1937,7 @@ impl World {
                     build_id: b.id,
                     exit: Exit::Code(0),
                     group_alive: false,
+                    deployed: false,
                 };
                 self.procq.push_back(ev);
                 continue;
