@@ -123,7 +123,7 @@ fn inside_root(real: &Path, root: &Path, what: &str, given: &str) -> Result<(), 
 /// `image_type` that mentions initramfs selects `geninitramfs`.
 fn build_kind(yaml: &Path) -> Result<BuildKind, String> {
     let (bytes, too_long, _) =
-        crate::fsutil::read_capped(yaml, 16 * MAX_MESSAGE_BYTES).map_err(|e| {
+        crate::fsutil::read_capped(yaml, MAX_MESSAGE_BYTES).map_err(|e| {
             format!(
                 "yaml_file {} cannot be read: {e}; make it readable by latd",
                 yaml.display()
@@ -131,7 +131,7 @@ fn build_kind(yaml: &Path) -> Result<BuildKind, String> {
         })?;
     if too_long {
         return Err(format!(
-            "yaml_file {} is larger than 16 MiB; an image YAML is a small text file",
+            "yaml_file {} is larger than 1 MiB; an image YAML is a small text file",
             yaml.display()
         ));
     }
