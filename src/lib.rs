@@ -20,4 +20,5 @@ pub mod effects;
 pub mod fsutil;
 pub mod machine;
 pub mod protocol;
+pub mod tree;
 pub mod validate;

@@ -23,10 +23,8 @@ use std::time::{Duration, Instant};
 /// on stdout; latc's own messages go to stderr.
 #[derive(FromArgs)]
 #[argh(
-    example = "latc --file=/localdisk/lat.yaml build     # start a build\n  latc build --file lat.yaml --wait          # build, stream the log, exit with its result\n  latc status --json\n  latc logs --follow\n  latc stop",
-    note = "Options --file, --channel, --workspace, --timeout, --json, -d and -q may come\nbefore or after the command; --name=value works as well as --name value.\n\nEnvironment:\n  WORKSPACE_DIR    workspace, sent as workdir (default /localdisk)\n  LAT_CHANNEL_DIR  channel directory (default $WORKSPACE_DIR/channel)\n  RUST_LOG         log filter for latc's own messages\n\nExit codes:\n  0    success (an answered status is always 0)\n  1    the request was refused, or the build failed\n  2    bad command line\n  3    latd unreachable: not running, not alive, or no reply in time\n  4    the build was stopped\n  130  interrupted (Ctrl-C): latc detached, the build goes on",
-    error_code(2, "bad command line"),
-    error_code(3, "latd unreachable")
+    example = "latc --file=/localdisk/lat.yaml build     # start a build\nlatc build --file lat.yaml --wait          # build, stream the log, exit with its result\nlatc status --json\nlatc logs --follow\nlatc stop",
+    note = "Options --file, --channel, --workspace, --timeout, --json, -d and -q may come\nbefore or after the command; --name=value works as well as --name value.\n\nEnvironment:\n  WORKSPACE_DIR    workspace, sent as workdir (default /localdisk)\n  LAT_CHANNEL_DIR  channel directory (default $WORKSPACE_DIR/channel)\n  LATC_TIMEOUT     default for --timeout, in seconds\n  RUST_LOG         log filter for latc's own messages\n\nExit codes:\n  0    success (an answered status is always 0)\n  1    the request was refused, or the build failed\n  2    bad command line\n  3    latd unreachable: not running, not alive, or no reply in time\n  4    the build was stopped\n  130  interrupted (Ctrl-C): latc detached, the build goes on"
 )]
 struct Args {
     /// image YAML for `build`
@@ -72,15 +70,14 @@ enum Command {
     Health(HealthCmd),
 }
 
-/// Start an image build from the YAML given with --file (required; its
-/// absolute path is sent). Exits 0 once latd has started the build, 1 if it
-/// refused (another build or a clean runs, or the YAML is unusable).
-///
-/// With --wait, latc then streams the build log and exits with the build's
-/// result: 0 succeeded, 1 failed, 4 stopped, ending with a summary line.
-/// Ctrl-C then detaches (the build goes on) unless --stop-on-interrupt.
+/// Start an image build from the YAML given with --file
 #[derive(FromArgs)]
-#[argh(subcommand, name = "build")]
+#[argh(
+    subcommand,
+    name = "build",
+    note = "The YAML's absolute path is sent to latd (--file is required; --file=PATH\nworks, before or after the command). Exits 0 once latd has started the\nbuild, 1 if it refused (another build or a clean runs, the YAML is unusable;\nthe reason is printed).\n\nWith --wait, latc then streams the build log and exits with the build's\nresult (0 succeeded, 1 failed, 4 stopped), ending with one summary line:\nresult, duration, where the image and the log are. Ctrl-C detaches (the\nbuild goes on; exit 130) unless --stop-on-interrupt.",
+    example = "latc build --file /localdisk/lat.yaml\nlatc --file=/localdisk/lat.yaml build\nlatc build --file lat.yaml --wait"
+)]
 struct BuildCmd {
     /// wait for the build to end, streaming its log
     #[argh(switch)]
@@ -90,49 +87,68 @@ struct BuildCmd {
     stop_on_interrupt: bool,
 }
 
-/// Print latd's status document (status.lat): lat_status idle|busy,
-/// build_status not-started|running|succeed|fail, and details of the
-/// current or last build. --json prints it as JSON. Exits 0 whenever latd
-/// answered.
+/// Print latd's status document
 #[derive(FromArgs)]
-#[argh(subcommand, name = "status")]
+#[argh(
+    subcommand,
+    name = "status",
+    note = "Prints status.lat: lat_status (idle|busy), build_status\n(not-started|running|succeed|fail), state (idle|building|stopping|cleaning),\nthe current or last build (id, YAML, times, exit code or signal, failure\nreason) and the daemon's pid, version and uptime. With --json, the same as\nJSON. Exits 0 whenever latd answered, 3 when it is unreachable.",
+    example = "latc status | grep lat_status\nlatc status --json"
+)]
 struct StatusCmd {}
 
-/// Stop the running build: SIGTERM to all of its processes, SIGKILL after
-/// latd's grace period. Returns once they are gone, so a following
-/// `latc status` says idle. A build that already ended keeps its result.
+/// Stop the running build
 #[derive(FromArgs)]
-#[argh(subcommand, name = "stop")]
+#[argh(
+    subcommand,
+    name = "stop",
+    note = "Sends SIGTERM to every process of the build, SIGKILL after latd's grace\nperiod, and returns once they are gone, so a following `latc status` says\nidle. A build that already ended keeps its result; with nothing to stop it\nsucceeds and says so.",
+    example = "latc stop"
+)]
 struct StopCmd {}
 
-/// Print the build log (<workspace>/log/log.appsdk). With --follow, keep
-/// printing new lines until the build ends (a new build's log is picked up).
+/// Print the build log
 #[derive(FromArgs)]
-#[argh(subcommand, name = "logs")]
+#[argh(
+    subcommand,
+    name = "logs",
+    note = "Prints <workspace>/log/log.appsdk; fails with 'No log file found' if there\nis none. With --follow, keeps printing new lines until the build ends (a new\nbuild's log is picked up), then exits with the build's result.",
+    example = "latc logs | tail\nlatc logs --follow"
+)]
 struct LogsCmd {
     /// follow the log until the build ends
     #[argh(switch)]
     follow: bool,
 }
 
-/// Remove the build outputs under the workspace (deploy, exampleyamls,
-/// workdir, log). Refused while a build runs. Symlinks are not followed and
-/// mount points are reported, not emptied.
+/// Remove the build outputs under the workspace
 #[derive(FromArgs)]
-#[argh(subcommand, name = "clean")]
+#[argh(
+    subcommand,
+    name = "clean",
+    note = "Removes deploy, exampleyamls, workdir and log under the workspace. Refused\nwhile a build runs. Symlinks are not followed; a mount point (left by a\nkilled build) is reported by path, not emptied.",
+    example = "latc clean"
+)]
 struct CleanCmd {}
 
-/// Have the SDK write an example image YAML into the workspace
-/// (exampleyamls/debian-image-base-intel-x86-64.yaml) and print it.
+/// Print an example image YAML from the SDK
 #[derive(FromArgs)]
-#[argh(subcommand, name = "getyaml")]
+#[argh(
+    subcommand,
+    name = "getyaml",
+    note = "Runs `appsdk exampleyamls` in the workspace and prints\nexampleyamls/debian-image-base-intel-x86-64.yaml.",
+    example = "latc getyaml > lat.yaml"
+)]
 struct GetyamlCmd {}
 
-/// Wait for the current build to end and exit with its result (0 succeeded,
-/// 1 failed, 4 stopped). On a terminal, shows elapsed time and the latest
-/// log line; otherwise prints plain lines.
+/// Wait for the current build to end
 #[derive(FromArgs)]
-#[argh(subcommand, name = "wait")]
+#[argh(
+    subcommand,
+    name = "wait",
+    note = "Exits with the build's result: 0 succeeded, 1 failed, 4 stopped. On a\nterminal it shows the elapsed time and the latest log line; otherwise a plain\nline every 10 s. With --follow it streams the log instead. Ctrl-C detaches\n(exit 130) unless --stop-on-interrupt.",
+    example = "latc wait && echo built"
+)]
 struct WaitCmd {
     /// stream the build log while waiting
     #[argh(switch)]
@@ -142,21 +158,28 @@ struct WaitCmd {
     stop_on_interrupt: bool,
 }
 
-/// List the last builds and their results (kept across daemon restarts;
-/// works even when latd is not running). --json prints a JSON array.
+/// List the last builds and their results
 #[derive(FromArgs)]
-#[argh(subcommand, name = "history")]
+#[argh(
+    subcommand,
+    name = "history",
+    note = "Reads the daemon's saved state, so it works even when latd is not running;\nbuilds are kept across restarts (latd --history N). --json prints a JSON\narray, oldest first.",
+    example = "latc history -n 5\nlatc history --json"
+)]
 struct HistoryCmd {
     /// how many builds to show (default 20)
     #[argh(option, short = 'n', default = "20")]
     limit: usize,
 }
 
-/// Exit 0 if latd is alive and answering, 3 otherwise; prints nothing
-/// unless -d. Meant for liveness and readiness probes: it takes a few
-/// milliseconds and never more than a second.
+/// Exit 0 if latd is alive and answering, 3 if not
 #[derive(FromArgs)]
-#[argh(subcommand, name = "health")]
+#[argh(
+    subcommand,
+    name = "health",
+    note = "Prints nothing unless -d. Takes milliseconds and never more than a second:\nmeant for Kubernetes liveness and readiness probes (exec: [latc, health]).",
+    example = "latc health || echo latd is down"
+)]
 struct HealthCmd {}
 
 /// Options that may appear anywhere; they are moved before the command so

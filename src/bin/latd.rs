@@ -18,7 +18,7 @@ use std::time::Duration;
 /// after the grace period) and exits 0.
 #[derive(FromArgs)]
 #[argh(
-    example = "latd                                   # as the container's entrypoint\n  latd --workspace /tmp/ws --sdk ./tests/sdk -d",
+    example = "latd                                   # as the container's entrypoint\nlatd --workspace /tmp/ws --sdk ./tests/sdk -d",
     note = "Environment (a flag wins over its variable):\n  WORKSPACE_DIR     workspace root (default /localdisk)\n  LAT_CHANNEL_DIR   channel directory (default $WORKSPACE_DIR/channel)\n  LAT_SDK_DIR       LAT SDK directory (default /opt/LAT/SDK)\n  LATD_GRACE_SECS   seconds between SIGTERM and SIGKILL on stop (default 20)\n  LATD_POLL_MS      poll interval at rest (default 100)\n  RUST_LOG          log filter, e.g. debug (overridden by -d / -q)\n\nlatd logs to stderr. Requests are logged one line each to\n$LAT_CHANNEL_DIR/client_message_history (rotated at 1 MiB)."
 )]
 struct Args {
