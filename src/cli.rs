@@ -37,7 +37,11 @@ pub fn split_equals(args: impl IntoIterator<Item = String>) -> Vec<String> {
 /// Parses `T` from the process's arguments, with `--x=y` support; prints
 /// help or the error and exits like argh does.
 pub fn parse_args<T: argh::FromArgs>() -> T {
-    let args = split_equals(std::env::args());
+    parse_args_from(split_equals(std::env::args()))
+}
+
+/// [`parse_args`] on arguments the caller has already rearranged.
+pub fn parse_args_from<T: argh::FromArgs>(args: Vec<String>) -> T {
     let cmd = args
         .first()
         .map(|c| {

@@ -220,24 +220,7 @@ fn hoist_globals(args: Vec<String>) -> Vec<String> {
 }
 
 fn parse() -> Args {
-    let args = hoist_globals(cli::split_equals(std::env::args()));
-    let strs: Vec<&str> = args.iter().skip(1).map(String::as_str).collect();
-    match Args::from_args(&["latc"], &strs) {
-        Ok(a) => a,
-        Err(early) => match early.status {
-            Ok(()) => {
-                println!("{}", early.output);
-                std::process::exit(0);
-            }
-            Err(()) => {
-                eprintln!(
-                    "{}\nRun latc --help for more information.",
-                    early.output.trim_end()
-                );
-                std::process::exit(EXIT_USAGE);
-            }
-        },
-    }
+    cli::parse_args_from(hoist_globals(cli::split_equals(std::env::args())))
 }
 
 /// Where latc writes its own messages.

@@ -60,27 +60,37 @@ impl TestEnv {
     }
 
     pub fn daemon_with(&self, args: &[&str]) -> Daemon {
+        self.start_daemon(&self.ws, args, true)
+    }
+
+    /// Starts latd on workspace `ws` (its channel inside), with `-d` if
+    /// `debug`, and waits until it is up.
+    pub fn start_daemon(&self, ws: &Path, args: &[&str], debug: bool) -> Daemon {
         let log = fs::File::create(self.root.join(format!(
             "latd-{}.log",
             COUNTER.fetch_add(1, Ordering::Relaxed)
         )))
         .unwrap();
         let child = Command::new(LATD)
-            .args(["--workspace", self.ws.to_str().unwrap()])
+            .args(["--workspace", ws.to_str().unwrap()])
             .args(["--sdk", sdk_dir().to_str().unwrap()])
             .args(args)
-            .arg("-d")
+            .args(if debug { &["-d"][..] } else { &[] })
             .env_remove("RUST_LOG")
+            .env_remove("LAT_CHANNEL_DIR")
+            .env_remove("LATD_POLL_MS")
+            .env_remove("LATD_GRACE_SECS")
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log)
             .spawn()
             .expect("start latd");
+        let channel = ws.join("channel");
+        let alive = channel.join("latd.alive");
         let d = Daemon {
             child: Some(child),
-            channel: self.channel.clone(),
+            channel,
         };
-        let alive = self.channel.join("latd.alive");
         wait_until(Duration::from_secs(10), "latd to come up", || {
             alive.exists()
         });
@@ -288,25 +298,7 @@ pub fn skip_unless_root(test: &str) -> bool {
 impl TestEnv {
     /// Starts latd with `ws` as its workspace (and `ws/channel`).
     pub fn daemon_on(&self, ws: &Path) -> Daemon {
-        let log = fs::File::create(self.root.join("latd-on.log")).unwrap();
-        let child = Command::new(LATD)
-            .args(["--workspace", ws.to_str().unwrap(), "--grace", "2", "-d"])
-            .args(["--sdk", sdk_dir().to_str().unwrap()])
-            .env_remove("RUST_LOG")
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .expect("start latd");
-        let d = Daemon {
-            child: Some(child),
-            channel: ws.join("channel"),
-        };
-        let alive = ws.join("channel/latd.alive");
-        wait_until(Duration::from_secs(10), "latd to come up", || {
-            alive.exists()
-        });
-        d
+        self.start_daemon(ws, &["--grace", "2"], true)
     }
 
     /// Runs latc against workspace `ws`.
@@ -324,33 +316,7 @@ impl TestEnv {
     /// with extra `args`: for measurements, where debug logging would
     /// weigh on what is measured.
     pub fn daemon_plain(&self, args: &[&str]) -> Daemon {
-        let log = fs::File::create(self.root.join(format!(
-            "latd-{}.log",
-            COUNTER.fetch_add(1, Ordering::Relaxed)
-        )))
-        .unwrap();
-        let child = Command::new(LATD)
-            .args(["--workspace", self.ws.to_str().unwrap()])
-            .args(["--sdk", sdk_dir().to_str().unwrap()])
-            .args(args)
-            .env_remove("RUST_LOG")
-            .env_remove("LAT_CHANNEL_DIR")
-            .env_remove("LATD_POLL_MS")
-            .env_remove("LATD_GRACE_SECS")
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .expect("start latd");
-        let d = Daemon {
-            child: Some(child),
-            channel: self.channel.clone(),
-        };
-        let alive = self.channel.join("latd.alive");
-        wait_until(Duration::from_secs(10), "latd to come up", || {
-            alive.exists()
-        });
-        d
+        self.start_daemon(&self.ws, args, false)
     }
 }
 
