@@ -686,3 +686,47 @@ fn a_stopped_build_is_stopped_even_if_appsdk_exits_0_on_sigterm() {
     assert_eq!(s["build"]["outcome"], "stopped");
     assert_eq!(s["build"]["exit_code"], 0);
 }
+
+#[test]
+fn status_is_answered_while_clean_and_getyaml_run() {
+    let env = TestEnv::new_in_memory("background");
+    let _d = env.daemon();
+    // A tree big enough that removing it takes a while.
+    for i in 0..100 {
+        let d = env.ws.join(format!("workdir/d{i}"));
+        fs::create_dir_all(&d).unwrap();
+        for j in 0..1000 {
+            fs::write(d.join(format!("f{j}")), "").unwrap();
+        }
+    }
+    let mut clean = env
+        .latc_cmd()
+        .arg("clean")
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut seen_cleaning = false;
+    while clean.try_wait().unwrap().is_none() {
+        let s = env.status_json();
+        if s["state"] == "cleaning" {
+            assert_eq!(s["lat_status"], "busy");
+            seen_cleaning = true;
+        }
+    }
+    assert!(clean.wait().unwrap().success());
+    assert!(seen_cleaning, "status was never answered during the clean");
+    assert!(!env.ws.join("workdir").exists());
+
+    // getyaml runs the SDK for a while; status is answered meanwhile.
+    let mut getyaml = env
+        .latc_cmd()
+        .arg("getyaml")
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let s = env.status_json();
+    let getyaml_still_running = getyaml.try_wait().unwrap().is_none();
+    assert_eq!(s["lat_status"], "idle");
+    assert!(getyaml.wait().unwrap().success());
+    assert!(getyaml_still_running, "status waited for getyaml");
+}

@@ -28,8 +28,19 @@ pub struct TestEnv {
 
 impl TestEnv {
     pub fn new(tag: &str) -> TestEnv {
+        TestEnv::new_in(&std::env::temp_dir(), tag)
+    }
+
+    /// In memory (/dev/shm) where there is one: for tests that make many
+    /// files, which some disks create slowly.
+    pub fn new_in_memory(tag: &str) -> TestEnv {
+        let shm = Path::new("/dev/shm");
+        TestEnv::new_in(if shm.is_dir() { shm } else { Path::new("/tmp") }, tag)
+    }
+
+    pub fn new_in(base: &Path, tag: &str) -> TestEnv {
         let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-        let root = std::env::temp_dir().join(format!("latd-test-{tag}-{}-{n}", std::process::id()));
+        let root = base.join(format!("latd-test-{tag}-{}-{n}", std::process::id()));
         let _ = fs::remove_dir_all(&root);
         let ws = root.join("ws");
         fs::create_dir_all(&ws).unwrap();
