@@ -6,7 +6,6 @@ use crate::machine::{BuildKind, BuildRequest, Event, Exit, JobId, Persisted, Pro
 use std::collections::HashMap;
 use std::fs;
 use std::io;
-use std::os::unix::fs::MetadataExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -427,7 +426,7 @@ pub fn start_clean(
     std::thread::spawn(move || {
         let mut result = Ok(());
         for d in CLEAN_DIRS {
-            if let Err(e) = remove_tree(&workdir.join(d)) {
+            if let Err(e) = crate::tree::remove_tree(&workdir.join(d)) {
                 result = Err(e);
                 break;
             }
@@ -439,61 +438,6 @@ pub fn start_clean(
         let _ = done.send(Event::CleanDone { job, result });
         wake();
     });
-}
-
-/// Removes a tree without following symlinks and without crossing into
-/// another file system (a mount left behind by a killed build must be
-/// unmounted, not emptied). Errors name the path.
-pub fn remove_tree(root: &Path) -> Result<(), String> {
-    let md = match fs::symlink_metadata(root) {
-        Ok(md) => md,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
-        Err(e) => return Err(format!("cannot inspect {}: {e}", root.display())),
-    };
-    if !md.is_dir() {
-        return fs::remove_file(root)
-            .or_else(not_found_ok)
-            .map_err(|e| format!("cannot remove {}: {e}", root.display()));
-    }
-    remove_dir_on(root, md.dev())
-}
-
-fn not_found_ok(e: io::Error) -> io::Result<()> {
-    if e.kind() == io::ErrorKind::NotFound {
-        Ok(())
-    } else {
-        Err(e)
-    }
-}
-
-fn remove_dir_on(dir: &Path, dev: u64) -> Result<(), String> {
-    let entries =
-        fs::read_dir(dir).map_err(|e| format!("cannot read directory {}: {e}", dir.display()))?;
-    for entry in entries {
-        let entry = entry.map_err(|e| format!("cannot read directory {}: {e}", dir.display()))?;
-        let path = entry.path();
-        let md = match fs::symlink_metadata(&path) {
-            Ok(md) => md,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
-            Err(e) => return Err(format!("cannot inspect {}: {e}", path.display())),
-        };
-        if md.is_dir() {
-            if md.dev() != dev {
-                return Err(format!(
-                    "{} is a mount point (left by a build?); unmount it, then clean again",
-                    path.display()
-                ));
-            }
-            remove_dir_on(&path, dev)?;
-        } else {
-            fs::remove_file(&path)
-                .or_else(not_found_ok)
-                .map_err(|e| format!("cannot remove {}: {e}", path.display()))?;
-        }
-    }
-    fs::remove_dir(dir)
-        .or_else(not_found_ok)
-        .map_err(|e| format!("cannot remove directory {}: {e}", dir.display()))
 }
 
 /// Loads the persisted state; a missing file is a fresh start, a corrupt one
@@ -524,34 +468,6 @@ pub fn load_state(path: &Path) -> Persisted {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn tempdir(tag: &str) -> PathBuf {
-        let d = std::env::temp_dir().join(format!("latd-effects-{tag}-{}", std::process::id()));
-        let _ = fs::remove_dir_all(&d);
-        fs::create_dir_all(&d).unwrap();
-        d
-    }
-
-    #[test]
-    fn remove_tree_does_not_follow_symlinks() {
-        let d = tempdir("symlink");
-        let outside = d.join("outside");
-        fs::create_dir_all(&outside).unwrap();
-        fs::write(outside.join("keep"), "x").unwrap();
-        let tree = d.join("tree");
-        fs::create_dir_all(tree.join("a/b")).unwrap();
-        fs::write(tree.join("a/b/f"), "x").unwrap();
-        std::os::unix::fs::symlink(&outside, tree.join("a/link")).unwrap();
-        remove_tree(&tree).unwrap();
-        assert!(!tree.exists());
-        assert!(outside.join("keep").exists());
-        fs::remove_dir_all(&d).unwrap();
-    }
-
-    #[test]
-    fn remove_tree_of_missing_path_is_ok() {
-        assert!(remove_tree(Path::new("/nonexistent/latd-test")).is_ok());
-    }
 
     #[test]
     fn start_ticks_of_self() {

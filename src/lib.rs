@@ -6,6 +6,7 @@
 //! - [`machine`]: the daemon's logic as a pure state machine (no I/O, no clock);
 //! - [`diagram`]: the state diagram, generated from [`machine::rule`];
 //! - [`effects`]: performs what the machine asks: files, processes, signals;
+//! - [`tree`]: removes a tree without following symlinks or crossing mounts;
 //! - [`channel`]: reads requests from the channel dir and writes replies;
 //! - [`daemon`]: the poll loop that ties them together (`latd`);
 //! - [`client`]: the client side (`latc`).

@@ -1,0 +1,1229 @@
+//! Removing a build output tree that an unprivileged user can write to,
+//! from a daemon that runs as root.
+//!
+//! A path-based, recursive `rm -rf` has three problems there: a deep tree
+//! overflows the stack, each level keeps a directory open (deep trees run
+//! out of file descriptors), and between "this is a directory" and "open
+//! it" the directory can be swapped for a symlink, so that root empties
+//! whatever the symlink points to. Neither may it empty a file system
+//! mounted below the tree (a mount left behind by a killed build).
+//!
+//! [`remove_tree`] therefore never resolves a path below `root` again once
+//! it started: it holds one descriptor, for the directory it is emptying,
+//! and works only relative to it.
+//!
+//! - Going down, it opens one name at a time relative to that descriptor,
+//!   with `openat2(RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS | RESOLVE_NO_XDEV)`
+//!   where the kernel has it, and `openat(O_NOFOLLOW)` otherwise. Either
+//!   way a symlink is never followed (it is unlinked instead), and the
+//!   opened directory must have its parent's device and mount id: a mount
+//!   point, including a bind mount of the same file system, is an error
+//!   naming it, and nothing in it is touched.
+//! - Going up, it opens `..` and checks that it is the very directory
+//!   (device and inode) it came down from. If something moved the tree
+//!   meanwhile, it starts over from the top, a bounded number of times.
+//! - Each directory is listed once into memory; files, symlinks and other
+//!   non-directories are unlinked right away, subdirectories are visited
+//!   depth first from an explicit stack, and a directory is removed after
+//!   its content. Memory grows with the depth of the tree and the number
+//!   of entries in its directories, never the stack of the thread, and at
+//!   most three descriptors are open at any time.
+//!
+//! Everything it unlinks or removes is a name inside a directory that it
+//! reached from `root` without following a symlink or crossing a mount, so
+//! no race can make it remove something outside the tree. (On kernels
+//! without `statx` mount ids, i.e. before Linux 5.8, a bind mount of the
+//! same file system can only be told apart by `openat2`, available since
+//! Linux 5.6.)
+
+use std::ffi::{CStr, CString, OsStr};
+use std::io;
+use std::mem::MaybeUninit;
+use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, OwnedFd, RawFd};
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+
+/// How many times a removal starts over or revisits a directory because
+/// something else changed the tree meanwhile, before it gives up.
+const RETRIES: u32 = 16;
+
+/// Set once `openat2` turned out to be missing or forbidden (old kernel,
+/// seccomp): from then on only the portable `openat` is used.
+static NO_OPENAT2: AtomicBool = AtomicBool::new(false);
+
+/// Set once `statx` turned out to be missing: mount ids are then unknown.
+static NO_STATX: AtomicBool = AtomicBool::new(false);
+
+/// Removes `root` and everything below it. Never follows a symlink (a
+/// symlink is removed, not its target), never crosses into another file
+/// system (a mount point below `root` is an error naming it: "<path> is a
+/// mount point (left by a build?); unmount it, then clean again"), uses
+/// O(1) file descriptors and no recursion (any depth). A missing `root` is
+/// Ok. Errors name the path and what to do, e.g. "cannot remove <path>:
+/// Permission denied (os error 13)".
+///
+/// The parent of `root` is trusted (resolved as a normal path); `root`
+/// itself may be a symlink (then just that is removed) or a file.
+pub fn remove_tree(root: &Path) -> Result<(), String> {
+    remove_tree_with(root, Resolve::Auto)
+}
+
+/// How to open a directory one level down.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Resolve {
+    /// `openat2` if the kernel allows it, else `openat`.
+    Auto,
+    /// `openat` only (what old kernels get; tested on its own).
+    #[cfg_attr(not(test), allow(dead_code))]
+    Portable,
+}
+
+fn remove_tree_with(root: &Path, resolve: Resolve) -> Result<(), String> {
+    let Some(name) = root.file_name() else {
+        return Err(format!(
+            "cannot remove {}: it does not name a directory entry; give the path of the tree itself",
+            root.display()
+        ));
+    };
+    let name = c_name(name)
+        .ok_or_else(|| format!("cannot remove {}: the name has a NUL byte", root.display()))?;
+    let parent = match root.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    let base = match open_path(parent) {
+        Ok(fd) => fd,
+        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(()),
+        Err(e) => return Err(format!("cannot open directory {}: {e}", parent.display())),
+    };
+    let base_id =
+        identify(&base).map_err(|e| format!("cannot inspect {}: {e}", parent.display()))?;
+    let mut walk = Walk {
+        root,
+        resolve,
+        retries: 0,
+    };
+    loop {
+        match walk.attempt(&base, &base_id, &name) {
+            Ok(()) => return Ok(()),
+            Err(Stop::Fail(msg)) => return Err(msg),
+            Err(Stop::Again(msg)) => walk.retry(msg)?,
+        }
+    }
+}
+
+/// Why a walk stopped early.
+#[derive(Debug)]
+enum Stop {
+    /// An error to report as is.
+    Fail(String),
+    /// The tree changed under us: start over (the message is the error if
+    /// that happens too often).
+    Again(String),
+}
+
+/// What opening a directory one level down found.
+enum Open {
+    Dir(OwnedFd, Id),
+    /// The name is gone (someone else removed it).
+    Gone,
+    /// The name is not a directory (any more): unlink it instead.
+    NotDir,
+}
+
+/// Identity of an open directory.
+#[derive(Debug, Clone, Copy)]
+struct Id {
+    dev: libc::dev_t,
+    ino: libc::ino_t,
+    /// The mount id, where the kernel tells it (`statx`, Linux 5.8).
+    mnt: Option<u64>,
+}
+
+impl Id {
+    fn same_dir(&self, other: &Id) -> bool {
+        self.dev == other.dev && self.ino == other.ino
+    }
+
+    /// Whether `self`, found below `parent`, is on another mount.
+    fn crosses_from(&self, parent: &Id) -> bool {
+        self.dev != parent.dev || matches!((self.mnt, parent.mnt), (Some(a), Some(b)) if a != b)
+    }
+}
+
+/// A directory on the way from `root` down to the one being emptied.
+struct Frame {
+    /// Its name in its parent (for `root`, in the base directory).
+    name: CString,
+    id: Id,
+    /// Subdirectories still to visit.
+    subdirs: Vec<CString>,
+}
+
+struct Walk<'a> {
+    root: &'a Path,
+    resolve: Resolve,
+    retries: u32,
+}
+
+impl Walk<'_> {
+    /// Counts one more start-over or revisit; `msg` is the error once there
+    /// were too many.
+    fn retry(&mut self, msg: String) -> Result<(), String> {
+        self.retries += 1;
+        if self.retries > RETRIES {
+            Err(msg)
+        } else {
+            Ok(())
+        }
+    }
+
+    /// The path of `stack`'s innermost directory (or of `extra` in it), for
+    /// messages. `stack[0]` is `root`.
+    fn path(&self, stack: &[Frame], extra: Option<&CStr>) -> PathBuf {
+        let mut p = self.root.to_path_buf();
+        for name in stack.iter().skip(1).map(|f| f.name.as_c_str()).chain(extra) {
+            p.push(OsStr::from_bytes(name.to_bytes()));
+        }
+        p
+    }
+
+    /// One attempt at removing the tree, from the top.
+    fn attempt(&mut self, base: &OwnedFd, base_id: &Id, name: &CStr) -> Result<(), Stop> {
+        let root = self.root;
+        let is_dir = match stat_at(base, name) {
+            Ok(st) => st.st_mode & libc::S_IFMT == libc::S_IFDIR,
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(()),
+            Err(e) => {
+                return Err(Stop::Fail(format!(
+                    "cannot inspect {}: {e}",
+                    root.display()
+                )))
+            }
+        };
+        if !is_dir {
+            return match unlink_at(base, name, 0) {
+                Ok(()) => Ok(()),
+                Err(e) if e.raw_os_error() == Some(libc::EISDIR) => Err(Stop::Again(format!(
+                    "cannot remove {}: it keeps changing between file and directory; \
+                     stop whatever changes it, then clean again",
+                    root.display()
+                ))),
+                Err(e) => Err(Stop::Fail(cannot_unlink(root, &e))),
+            };
+        }
+        let (mut cur, id) = match self.open_dir(base, name, base_id, || root.to_path_buf())? {
+            Open::Dir(fd, id) => (fd, id),
+            Open::Gone => return Ok(()),
+            Open::NotDir => {
+                return Err(Stop::Again(format!(
+                    "cannot remove {}: it keeps changing between file and directory; \
+                     stop whatever changes it, then clean again",
+                    root.display()
+                )))
+            }
+        };
+        let subdirs = self.empty_files(&cur, || root.to_path_buf())?;
+        let mut stack = vec![Frame {
+            name: name.to_owned(),
+            id,
+            subdirs,
+        }];
+        loop {
+            let top = stack.len() - 1;
+            if let Some(child) = stack[top].subdirs.pop() {
+                // Down into `child`.
+                let found = self.open_dir(&cur, &child, &stack[top].id, || {
+                    self.path(&stack, Some(&child))
+                })?;
+                match found {
+                    Open::Dir(fd, id) => {
+                        // Close the parent first: `list` needs a descriptor.
+                        cur = fd;
+                        let subdirs = self.empty_files(&cur, || self.path(&stack, Some(&child)))?;
+                        stack.push(Frame {
+                            name: child,
+                            id,
+                            subdirs,
+                        });
+                    }
+                    Open::Gone => {}
+                    Open::NotDir => match unlink_at(&cur, &child, 0) {
+                        Ok(()) => {}
+                        Err(e) if e.raw_os_error() == Some(libc::EISDIR) => {
+                            let msg = format!(
+                                "cannot remove {}: it keeps changing between file and directory; \
+                                 stop whatever changes it, then clean again",
+                                self.path(&stack, Some(&child)).display()
+                            );
+                            self.retry(msg).map_err(Stop::Fail)?;
+                            stack[top].subdirs.push(child);
+                        }
+                        Err(e) => {
+                            return Err(Stop::Fail(cannot_unlink(
+                                &self.path(&stack, Some(&child)),
+                                &e,
+                            )))
+                        }
+                    },
+                }
+                continue;
+            }
+            // `cur` is empty: up to its parent, and remove it there.
+            let Some(done) = stack.pop() else {
+                unreachable!("the stack holds at least root here")
+            };
+            let Some(parent) = stack.last() else {
+                drop(cur);
+                return match unlink_at(base, &done.name, libc::AT_REMOVEDIR) {
+                    Ok(()) => Ok(()),
+                    Err(e) if is_not_empty(&e) => Err(Stop::Again(not_empty(root, &e))),
+                    // Replaced by a non-directory: start over, that unlinks it.
+                    Err(e) if e.raw_os_error() == Some(libc::ENOTDIR) => {
+                        Err(Stop::Again(moved(root)))
+                    }
+                    Err(e) => Err(Stop::Fail(format!("cannot remove {}: {e}", root.display()))),
+                };
+            };
+            let up = match open_at(&cur, c"..") {
+                Ok(fd) => fd,
+                Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {
+                    return Err(Stop::Again(moved(&self.path(&stack, Some(&done.name)))))
+                }
+                Err(e) => {
+                    return Err(Stop::Fail(format!(
+                        "cannot open directory {}: {e}",
+                        self.path(&stack, None).display()
+                    )))
+                }
+            };
+            match identify(&up) {
+                Ok(id) if id.same_dir(&parent.id) => {}
+                Ok(_) => return Err(Stop::Again(moved(&self.path(&stack, Some(&done.name))))),
+                Err(e) => {
+                    return Err(Stop::Fail(format!(
+                        "cannot inspect {}: {e}",
+                        self.path(&stack, None).display()
+                    )))
+                }
+            }
+            cur = up;
+            match unlink_at(&cur, &done.name, libc::AT_REMOVEDIR) {
+                Ok(()) => {}
+                Err(e) if is_not_empty(&e) => {
+                    // Something wrote into it meanwhile: empty it again.
+                    let msg = not_empty(&self.path(&stack, Some(&done.name)), &e);
+                    self.retry(msg).map_err(Stop::Fail)?;
+                    let top = stack.len() - 1;
+                    stack[top].subdirs.push(done.name);
+                }
+                // The directory we emptied was moved away and something else
+                // put in its place: start over, to find both.
+                Err(e) if e.raw_os_error() == Some(libc::ENOTDIR) => {
+                    return Err(Stop::Again(moved(&self.path(&stack, Some(&done.name)))))
+                }
+                Err(e) => {
+                    return Err(Stop::Fail(format!(
+                        "cannot remove {}: {e}",
+                        self.path(&stack, Some(&done.name)).display()
+                    )))
+                }
+            }
+        }
+    }
+
+    /// Opens the directory `name` in `dir` (whose identity is `parent`)
+    /// without following a symlink or crossing a mount. `path` names it in
+    /// messages.
+    fn open_dir(
+        &self,
+        dir: &OwnedFd,
+        name: &CStr,
+        parent: &Id,
+        path: impl Fn() -> PathBuf,
+    ) -> Result<Open, Stop> {
+        let mount_point = || Stop::Fail(mount_point(&path()));
+        let opened = match self.resolve {
+            Resolve::Auto => open_beneath(dir, name),
+            Resolve::Portable => open_at(dir, name),
+        };
+        let fd = match opened {
+            Ok(fd) => fd,
+            Err(e) => {
+                return match e.raw_os_error() {
+                    Some(libc::ENOENT) => Ok(Open::Gone),
+                    Some(libc::ENOTDIR | libc::ELOOP) => Ok(Open::NotDir),
+                    Some(libc::EXDEV) => Err(mount_point()),
+                    _ => Err(Stop::Fail(format!(
+                        "cannot open directory {}: {e}",
+                        path().display()
+                    ))),
+                }
+            }
+        };
+        let id = identify(&fd)
+            .map_err(|e| Stop::Fail(format!("cannot inspect {}: {e}", path().display())))?;
+        if id.crosses_from(parent) {
+            return Err(mount_point());
+        }
+        Ok(Open::Dir(fd, id))
+    }
+
+    /// Lists the directory `dir`, unlinks everything in it that is not a
+    /// directory, and returns the names of its subdirectories. `path` names
+    /// it in messages.
+    fn empty_files(&self, dir: &OwnedFd, path: impl Fn() -> PathBuf) -> Result<Vec<CString>, Stop> {
+        let entries = list(dir)
+            .map_err(|e| Stop::Fail(format!("cannot read directory {}: {e}", path().display())))?;
+        let mut subdirs = Vec::new();
+        for (name, kind) in entries {
+            let is_dir = match kind {
+                Kind::Dir => true,
+                Kind::Other => false,
+                Kind::Unknown => match stat_at(dir, &name) {
+                    Ok(st) => st.st_mode & libc::S_IFMT == libc::S_IFDIR,
+                    Err(e) if e.raw_os_error() == Some(libc::ENOENT) => continue,
+                    Err(e) => {
+                        return Err(Stop::Fail(format!(
+                            "cannot inspect {}: {e}",
+                            path().join(OsStr::from_bytes(name.to_bytes())).display()
+                        )))
+                    }
+                },
+            };
+            if is_dir {
+                subdirs.push(name);
+                continue;
+            }
+            match unlink_at(dir, &name, 0) {
+                Ok(()) => {}
+                // It became a directory meanwhile: visit it as one.
+                Err(e) if e.raw_os_error() == Some(libc::EISDIR) => subdirs.push(name),
+                Err(e) => {
+                    return Err(Stop::Fail(cannot_unlink(
+                        &path().join(OsStr::from_bytes(name.to_bytes())),
+                        &e,
+                    )))
+                }
+            }
+        }
+        // Visit them in the order listed (the stack pops from the end).
+        subdirs.reverse();
+        Ok(subdirs)
+    }
+}
+
+fn is_not_empty(e: &io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::ENOTEMPTY | libc::EEXIST))
+}
+
+fn not_empty(path: &Path, e: &io::Error) -> String {
+    format!(
+        "cannot remove {}: {e}; something keeps writing there: stop it, then clean again",
+        path.display()
+    )
+}
+
+fn mount_point(path: &Path) -> String {
+    format!(
+        "{} is a mount point (left by a build?); unmount it, then clean again",
+        path.display()
+    )
+}
+
+/// The error for a non-directory that cannot be unlinked (EBUSY: a file
+/// bind-mounted there).
+fn cannot_unlink(path: &Path, e: &io::Error) -> String {
+    if e.raw_os_error() == Some(libc::EBUSY) {
+        mount_point(path)
+    } else {
+        format!("cannot remove {}: {e}", path.display())
+    }
+}
+
+fn moved(path: &Path) -> String {
+    format!(
+        "cannot remove {}: it was moved or replaced while being removed; \
+         stop whatever changes it, then clean again",
+        path.display()
+    )
+}
+
+fn c_name(name: &OsStr) -> Option<CString> {
+    CString::new(name.as_bytes()).ok()
+}
+
+/// Turns a syscall's return value into a descriptor it returned.
+fn owned_fd(ret: libc::c_long) -> io::Result<OwnedFd> {
+    if ret < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let fd = RawFd::try_from(ret).map_err(|_| io::Error::from_raw_os_error(libc::EBADF))?;
+    // SAFETY: the syscall succeeded, so `fd` is a new descriptor that
+    // nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+const DIR_FLAGS: libc::c_int =
+    libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NOFOLLOW | libc::O_CLOEXEC;
+
+/// Opens a trusted directory by path (following symlinks as usual).
+fn open_path(path: &Path) -> io::Result<OwnedFd> {
+    let c = CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+    // SAFETY: `c` is a valid NUL-terminated string for the call's duration.
+    let fd = unsafe {
+        libc::open(
+            c.as_ptr(),
+            libc::O_RDONLY | libc::O_DIRECTORY | libc::O_CLOEXEC,
+        )
+    };
+    owned_fd(fd.into())
+}
+
+/// Opens the directory `name` in `dir`, not following a symlink.
+fn open_at(dir: &OwnedFd, name: &CStr) -> io::Result<OwnedFd> {
+    // SAFETY: `dir` is an open descriptor and `name` a valid NUL-terminated
+    // string, both for the call's duration.
+    let fd = unsafe { libc::openat(dir.as_raw_fd(), name.as_ptr(), DIR_FLAGS) };
+    owned_fd(fd.into())
+}
+
+/// Opens the directory `name` in `dir` with `openat2`, so that the kernel
+/// refuses a symlink, `..` and a mount crossing (EXDEV); falls back to
+/// [`open_at`] where `openat2` is missing or forbidden.
+fn open_beneath(dir: &OwnedFd, name: &CStr) -> io::Result<OwnedFd> {
+    if !NO_OPENAT2.load(Ordering::Relaxed) {
+        // SAFETY: `open_how` is plain integers, for which all zeroes is a
+        // valid value (and the defaults the kernel expects).
+        let mut how: libc::open_how = unsafe { std::mem::zeroed() };
+        how.flags = DIR_FLAGS as u64;
+        how.resolve = libc::RESOLVE_BENEATH | libc::RESOLVE_NO_SYMLINKS | libc::RESOLVE_NO_XDEV;
+        for _ in 0..8 {
+            // SAFETY: `dir` is an open descriptor, `name` a valid
+            // NUL-terminated string and `how` a valid `open_how` whose size
+            // we pass, all for the call's duration.
+            let ret = unsafe {
+                libc::syscall(
+                    libc::SYS_openat2,
+                    dir.as_raw_fd(),
+                    name.as_ptr(),
+                    &how as *const libc::open_how,
+                    std::mem::size_of::<libc::open_how>(),
+                )
+            };
+            match owned_fd(ret) {
+                Ok(fd) => return Ok(fd),
+                // A rename somewhere raced the lookup: try again.
+                Err(e) if e.raw_os_error() == Some(libc::EAGAIN) => continue,
+                Err(e)
+                    if matches!(
+                        e.raw_os_error(),
+                        Some(libc::ENOSYS | libc::EPERM | libc::EINVAL | libc::E2BIG)
+                    ) =>
+                {
+                    NO_OPENAT2.store(true, Ordering::Relaxed);
+                    break;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+    open_at(dir, name)
+}
+
+/// Device, inode and (where known) mount id of an open file.
+fn identify(fd: &OwnedFd) -> io::Result<Id> {
+    let mut st = MaybeUninit::<libc::stat>::uninit();
+    // SAFETY: `fd` is open and `st` points to writable memory of the right
+    // type.
+    if unsafe { libc::fstat(fd.as_raw_fd(), st.as_mut_ptr()) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: fstat succeeded, so it filled `st`.
+    let st = unsafe { st.assume_init() };
+    Ok(Id {
+        dev: st.st_dev,
+        ino: st.st_ino,
+        mnt: mount_id(fd),
+    })
+}
+
+fn mount_id(fd: &OwnedFd) -> Option<u64> {
+    if NO_STATX.load(Ordering::Relaxed) {
+        return None;
+    }
+    let mut stx = MaybeUninit::<libc::statx>::zeroed();
+    // SAFETY: `fd` is open, the path is an empty NUL-terminated string (with
+    // AT_EMPTY_PATH: the file `fd` refers to) and `stx` points to writable
+    // memory of the right type.
+    let ret = unsafe {
+        libc::statx(
+            fd.as_raw_fd(),
+            c"".as_ptr(),
+            libc::AT_EMPTY_PATH | libc::AT_SYMLINK_NOFOLLOW,
+            libc::STATX_MNT_ID,
+            stx.as_mut_ptr(),
+        )
+    };
+    if ret != 0 {
+        if io::Error::last_os_error().raw_os_error() == Some(libc::ENOSYS) {
+            NO_STATX.store(true, Ordering::Relaxed);
+        }
+        return None;
+    }
+    // SAFETY: statx succeeded, so it filled `stx` (which was zeroed anyway).
+    let stx = unsafe { stx.assume_init() };
+    (stx.stx_mask & libc::STATX_MNT_ID != 0).then_some(stx.stx_mnt_id)
+}
+
+/// `lstat` of `name` in `dir`.
+fn stat_at(dir: &OwnedFd, name: &CStr) -> io::Result<libc::stat> {
+    let mut st = MaybeUninit::<libc::stat>::uninit();
+    // SAFETY: `dir` is open, `name` a valid NUL-terminated string and `st`
+    // points to writable memory of the right type.
+    let ret = unsafe {
+        libc::fstatat(
+            dir.as_raw_fd(),
+            name.as_ptr(),
+            st.as_mut_ptr(),
+            libc::AT_SYMLINK_NOFOLLOW,
+        )
+    };
+    if ret != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: fstatat succeeded, so it filled `st`.
+    Ok(unsafe { st.assume_init() })
+}
+
+/// `unlinkat`; a name that is already gone counts as removed.
+fn unlink_at(dir: &OwnedFd, name: &CStr, flags: libc::c_int) -> io::Result<()> {
+    // SAFETY: `dir` is open and `name` a valid NUL-terminated string.
+    if unsafe { libc::unlinkat(dir.as_raw_fd(), name.as_ptr(), flags) } == 0 {
+        return Ok(());
+    }
+    let e = io::Error::last_os_error();
+    if e.raw_os_error() == Some(libc::ENOENT) {
+        Ok(())
+    } else {
+        Err(e)
+    }
+}
+
+/// What `readdir` says an entry is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Dir,
+    Other,
+    Unknown,
+}
+
+/// A directory stream, closed (with its descriptor) on drop.
+struct DirStream(*mut libc::DIR);
+
+impl Drop for DirStream {
+    fn drop(&mut self) {
+        // SAFETY: `self.0` came from a successful fdopendir and is closed
+        // only here.
+        unsafe { libc::closedir(self.0) };
+    }
+}
+
+/// The entries of the directory `dir` refers to (without `.` and `..`),
+/// read through a duplicate of `dir`, closed before returning.
+fn list(dir: &OwnedFd) -> io::Result<Vec<(CString, Kind)>> {
+    // SAFETY: `dir` is open; F_DUPFD_CLOEXEC takes an integer argument.
+    let dup = unsafe { libc::fcntl(dir.as_raw_fd(), libc::F_DUPFD_CLOEXEC, 0) };
+    let dup = owned_fd(dup.into())?.into_raw_fd();
+    // SAFETY: `dup` is an open descriptor of a directory that we own; on
+    // success the stream owns it.
+    let stream = unsafe { libc::fdopendir(dup) };
+    if stream.is_null() {
+        let e = io::Error::last_os_error();
+        // SAFETY: fdopendir failed, so `dup` is still ours to close.
+        drop(unsafe { OwnedFd::from_raw_fd(dup) });
+        return Err(e);
+    }
+    let stream = DirStream(stream);
+    // The duplicate shares its offset with `dir`: start from the beginning.
+    // SAFETY: `stream.0` is a valid directory stream.
+    unsafe { libc::rewinddir(stream.0) };
+    let mut entries = Vec::new();
+    loop {
+        // SAFETY: errno is thread-local; clearing it tells the end of the
+        // directory (NULL, errno 0) from an error (NULL, errno set).
+        unsafe { *libc::__errno_location() = 0 };
+        // SAFETY: `stream.0` is a valid directory stream, used by this
+        // thread only.
+        let ent = unsafe { libc::readdir(stream.0) };
+        if ent.is_null() {
+            let e = io::Error::last_os_error();
+            return match e.raw_os_error() {
+                Some(0) => Ok(entries),
+                _ => Err(e),
+            };
+        }
+        // SAFETY: readdir returned an entry that stays valid until the next
+        // call on this stream; `d_name` is NUL-terminated. We copy what we
+        // need before that.
+        let (name, d_type) = unsafe { (CStr::from_ptr((*ent).d_name.as_ptr()), (*ent).d_type) };
+        let bytes = name.to_bytes();
+        if bytes == b"." || bytes == b".." {
+            continue;
+        }
+        let kind = match d_type {
+            libc::DT_DIR => Kind::Dir,
+            libc::DT_UNKNOWN => Kind::Unknown,
+            _ => Kind::Other,
+        };
+        entries.push((name.to_owned(), kind));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::fs;
+    use std::os::unix::fs::{symlink, PermissionsExt};
+    use std::os::unix::process::CommandExt;
+    use std::process::Command;
+    use std::sync::atomic::AtomicU64;
+    use std::sync::Arc;
+
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+
+    /// A fresh directory under the system's temporary directory, removed
+    /// on drop.
+    struct TempDir(PathBuf);
+
+    impl TempDir {
+        fn new(tag: &str) -> TempDir {
+            let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+            // In memory where possible: deep trees are slow to make on disk.
+            let shm = Path::new("/dev/shm");
+            let base = if shm.is_dir() {
+                shm.to_path_buf()
+            } else {
+                std::env::temp_dir()
+            };
+            let p = base.join(format!("latd-tree-{tag}-{}-{n}", std::process::id()));
+            fs::create_dir_all(&p).unwrap();
+            TempDir(p.canonicalize().unwrap())
+        }
+
+        fn path(&self) -> &Path {
+            &self.0
+        }
+    }
+
+    impl Drop for TempDir {
+        fn drop(&mut self) {
+            if remove_tree(&self.0).is_err() {
+                let _ = fs::remove_dir_all(&self.0);
+            }
+        }
+    }
+
+    fn is_root() -> bool {
+        // SAFETY: geteuid has no preconditions.
+        unsafe { libc::geteuid() == 0 }
+    }
+
+    const MODES: [Resolve; 2] = [Resolve::Auto, Resolve::Portable];
+
+    const CHILD_ENV: &str = "LATD_TREE_TEST_CHILD";
+
+    /// Runs this module's test `test` again in a process of its own (so it
+    /// may lower its file limit, or run as another user, without disturbing
+    /// the tests running beside it). Returns true in that process, where
+    /// the caller then does the work, false in the parent once the child
+    /// passed. `uid`: run the child as that user (we are root).
+    fn in_child(test: &str, uid: Option<u32>) -> bool {
+        if std::env::var_os(CHILD_ENV).is_some() {
+            return true;
+        }
+        let module = module_path!().split_once("::").unwrap().1;
+        let name = format!("{module}::{test}");
+        let mut cmd = Command::new(std::env::current_exe().unwrap());
+        cmd.args([name.as_str(), "--exact", "--nocapture", "--test-threads=1"])
+            .env(CHILD_ENV, "1");
+        if let Some(uid) = uid {
+            // SAFETY: the closure only makes async-signal-safe syscalls.
+            unsafe {
+                cmd.pre_exec(move || {
+                    if libc::setgroups(0, std::ptr::null()) != 0
+                        || libc::setgid(uid) != 0
+                        || libc::setuid(uid) != 0
+                    {
+                        return Err(io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        }
+        let out = cmd.output().unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        print!("{stdout}");
+        eprint!("{stderr}");
+        assert!(
+            out.status.success() && stdout.contains("1 passed"),
+            "{test} failed in its own process ({}):\n{stdout}\n{stderr}",
+            out.status
+        );
+        false
+    }
+
+    fn open_fds() -> Vec<RawFd> {
+        fs::read_dir("/proc/self/fd")
+            .unwrap()
+            .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+            .collect()
+    }
+
+    /// Builds a chain of `depth` directories `d/d/d/...` below `top`
+    /// (deeper than a path can name), with a file every 1000 levels.
+    fn build_chain(top: &Path, depth: usize) {
+        let mut cur = open_path(top).unwrap();
+        for level in 0..depth {
+            // SAFETY: `cur` is open and the names are NUL-terminated.
+            unsafe {
+                assert_eq!(libc::mkdirat(cur.as_raw_fd(), c"d".as_ptr(), 0o755), 0);
+                if level % 1000 == 0 {
+                    let fd = libc::openat(
+                        cur.as_raw_fd(),
+                        c"f".as_ptr(),
+                        libc::O_WRONLY | libc::O_CREAT | libc::O_CLOEXEC,
+                        0o644,
+                    );
+                    assert!(fd >= 0);
+                    libc::close(fd);
+                }
+            }
+            cur = open_at(&cur, c"d").unwrap();
+        }
+    }
+
+    #[test]
+    fn removes_files_dirs_and_symlinks_without_following_them() {
+        for mode in MODES {
+            let d = TempDir::new("mixed");
+            let outside = d.path().join("outside");
+            fs::create_dir_all(outside.join("sub")).unwrap();
+            fs::write(outside.join("keep"), "x").unwrap();
+            fs::write(outside.join("sub/keep"), "x").unwrap();
+            let tree = d.path().join("tree");
+            fs::create_dir_all(tree.join("a/b/c")).unwrap();
+            fs::create_dir_all(tree.join("empty")).unwrap();
+            fs::write(tree.join("top"), "x").unwrap();
+            fs::write(tree.join("a/b/c/f"), "x").unwrap();
+            fs::write(tree.join("a/f"), "x").unwrap();
+            symlink(&outside, tree.join("a/dirlink")).unwrap();
+            symlink(&outside, tree.join("a/b/c/dirlink")).unwrap();
+            symlink(outside.join("keep"), tree.join("a/filelink")).unwrap();
+            symlink("/nonexistent/latd", tree.join("a/b/dangling")).unwrap();
+            let fifo = CString::new(tree.join("a/fifo").as_os_str().as_bytes()).unwrap();
+            // SAFETY: `fifo` is a valid NUL-terminated path.
+            assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o644) }, 0);
+            fs::set_permissions(tree.join("a/b"), fs::Permissions::from_mode(0o700)).unwrap();
+
+            remove_tree_with(&tree, mode).unwrap();
+            assert!(fs::symlink_metadata(&tree).is_err(), "{mode:?}: tree left");
+            assert!(outside.join("keep").exists(), "{mode:?}");
+            assert!(outside.join("sub/keep").exists(), "{mode:?}");
+        }
+    }
+
+    #[test]
+    fn a_symlink_as_root_is_unlinked_and_its_target_survives() {
+        for mode in MODES {
+            let d = TempDir::new("rootlink");
+            let outside = d.path().join("outside");
+            fs::create_dir_all(outside.join("sub")).unwrap();
+            fs::write(outside.join("sub/keep"), "x").unwrap();
+            let link = d.path().join("deploy");
+            symlink(&outside, &link).unwrap();
+            remove_tree_with(&link, mode).unwrap();
+            assert!(fs::symlink_metadata(&link).is_err(), "{mode:?}");
+            assert!(outside.join("sub/keep").exists(), "{mode:?}");
+        }
+    }
+
+    #[test]
+    fn a_file_as_root_is_removed_and_a_missing_root_is_ok() {
+        let d = TempDir::new("rootfile");
+        let f = d.path().join("log");
+        fs::write(&f, "x").unwrap();
+        remove_tree(&f).unwrap();
+        assert!(fs::symlink_metadata(&f).is_err());
+        remove_tree(&f).unwrap();
+        remove_tree(&d.path().join("missing/parent/too")).unwrap();
+        assert!(remove_tree(Path::new("/nonexistent/latd-test")).is_ok());
+        let err = remove_tree(Path::new("/")).unwrap_err();
+        assert!(err.starts_with("cannot remove /:"), "{err}");
+    }
+
+    /// 30,000 levels: no stack overflow, and a file limit just above what
+    /// is open already is enough (a descriptor per level would hit it at
+    /// once). Runs in a process of its own, as it lowers that limit. The
+    /// openat-only mode walks the same way and differs only in how it opens
+    /// one level, so it gets a shorter chain (still far beyond PATH_MAX):
+    /// building a chain is what takes the time.
+    #[test]
+    fn a_very_deep_tree_is_removed_with_a_few_descriptors() {
+        if !in_child("a_very_deep_tree_is_removed_with_a_few_descriptors", None) {
+            return;
+        }
+        // What remove_tree needs: the base directory, the directory being
+        // emptied, and one more while it opens the next one or lists it.
+        const SPARE: RawFd = 3;
+        for (mode, depth) in [(Resolve::Auto, 30_000), (Resolve::Portable, 5_000)] {
+            let d = TempDir::new("deep");
+            let tree = d.path().join("workdir");
+            fs::create_dir(&tree).unwrap();
+            build_chain(&tree, depth);
+
+            let before = open_fds();
+            let highest = *before.iter().max().unwrap();
+            // Fill every free descriptor number below the highest open one,
+            // so that exactly SPARE numbers are left under the lowered limit.
+            let mut placeholders = Vec::new();
+            loop {
+                let f = fs::File::open("/dev/null").unwrap();
+                if f.as_raw_fd() > highest {
+                    break;
+                }
+                placeholders.push(f);
+            }
+            let mut saved = MaybeUninit::<libc::rlimit>::uninit();
+            // SAFETY: `saved` points to writable memory of the right type.
+            let ret = unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, saved.as_mut_ptr()) };
+            assert_eq!(ret, 0);
+            // SAFETY: getrlimit succeeded, so it filled `saved`.
+            let saved = unsafe { saved.assume_init() };
+            let tight = libc::rlimit {
+                rlim_cur: (highest + 1 + SPARE) as libc::rlim_t,
+                rlim_max: saved.rlim_max,
+            };
+            // SAFETY: `tight` is a valid rlimit.
+            assert_eq!(unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &tight) }, 0);
+            let result = remove_tree_with(&tree, mode);
+            // SAFETY: `saved` is the valid rlimit we read above.
+            assert_eq!(unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &saved) }, 0);
+            drop(placeholders);
+
+            assert_eq!(result, Ok(()), "{mode:?}");
+            assert!(fs::symlink_metadata(&tree).is_err(), "{mode:?}");
+            assert_eq!(open_fds(), before, "{mode:?}: descriptors leaked");
+            println!("{mode:?}: removed {depth} levels with {SPARE} descriptors to spare");
+        }
+    }
+
+    #[test]
+    fn a_directory_of_twenty_thousand_files_is_removed() {
+        let d = TempDir::new("wide");
+        let tree = d.path().join("deploy");
+        fs::create_dir_all(tree.join("images")).unwrap();
+        for i in 0..20_000 {
+            fs::File::create(tree.join(format!("images/file-{i}"))).unwrap();
+        }
+        remove_tree(&tree).unwrap();
+        assert!(fs::symlink_metadata(&tree).is_err());
+    }
+
+    /// Unmounts on drop, whatever the test did.
+    struct Mount(PathBuf);
+
+    impl Mount {
+        /// Mounts over `at` (a directory, created if missing, or a file).
+        fn new(args: &[&str], at: &Path) -> Option<Mount> {
+            if !at.exists() {
+                fs::create_dir_all(at).unwrap();
+            }
+            let ok = Command::new("mount")
+                .args(args)
+                .arg(at)
+                .status()
+                .is_ok_and(|s| s.success());
+            ok.then(|| Mount(at.to_path_buf()))
+        }
+    }
+
+    impl Drop for Mount {
+        fn drop(&mut self) {
+            let c = CString::new(self.0.as_os_str().as_bytes()).unwrap();
+            // SAFETY: `c` is a valid NUL-terminated path.
+            if unsafe { libc::umount2(c.as_ptr(), 0) } != 0 {
+                // SAFETY: as above.
+                unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
+            }
+        }
+    }
+
+    fn mount_point_error(path: &Path) -> String {
+        format!(
+            "{} is a mount point (left by a build?); unmount it, then clean again",
+            path.display()
+        )
+    }
+
+    #[test]
+    fn a_mount_point_below_root_is_reported_by_path_and_left_alone() {
+        if !is_root() {
+            eprintln!(
+                "SKIPPED a_mount_point_below_root_is_reported_by_path_and_left_alone: needs root"
+            );
+            return;
+        }
+        for mode in MODES {
+            let d = TempDir::new("mount");
+            let tree = d.path().join("deploy");
+            fs::create_dir_all(tree.join("a/before")).unwrap();
+            fs::write(tree.join("a/file"), "x").unwrap();
+            let mnt = tree.join("a/rootfs/proc");
+            let Some(guard) = Mount::new(&["-t", "tmpfs", "-o", "size=64k", "none"], &mnt) else {
+                eprintln!("SKIPPED a_mount_point_below_root...: this kernel refused a tmpfs mount");
+                return;
+            };
+            fs::create_dir(mnt.join("sub")).unwrap();
+            fs::write(mnt.join("sub/precious"), "x").unwrap();
+
+            let err = remove_tree_with(&tree, mode).unwrap_err();
+            assert_eq!(err, mount_point_error(&mnt), "{mode:?}");
+            assert!(
+                mnt.join("sub/precious").exists(),
+                "{mode:?}: emptied a mount"
+            );
+
+            // Once unmounted, the next clean works.
+            drop(guard);
+            remove_tree_with(&tree, mode).unwrap();
+            assert!(fs::symlink_metadata(&tree).is_err(), "{mode:?}");
+
+            // A root that is itself a mount point is not emptied either.
+            let root = d.path().join("log");
+            let guard = Mount::new(&["-t", "tmpfs", "-o", "size=64k", "none"], &root).unwrap();
+            fs::write(root.join("precious"), "x").unwrap();
+            let err = remove_tree_with(&root, mode).unwrap_err();
+            assert_eq!(err, mount_point_error(&root), "{mode:?}");
+            assert!(root.join("precious").exists(), "{mode:?}");
+            drop(guard);
+        }
+    }
+
+    /// A bind mount of the same file system has the same device number;
+    /// openat2 (RESOLVE_NO_XDEV) and the statx mount id still see it.
+    #[test]
+    fn a_bind_mount_of_the_same_file_system_is_reported_and_left_alone() {
+        if !is_root() {
+            eprintln!(
+                "SKIPPED a_bind_mount_of_the_same_file_system_is_reported_and_left_alone: needs root"
+            );
+            return;
+        }
+        for mode in MODES {
+            let d = TempDir::new("bind");
+            let outside = d.path().join("outside");
+            fs::create_dir_all(outside.join("sub")).unwrap();
+            fs::write(outside.join("sub/precious"), "x").unwrap();
+            let tree = d.path().join("workdir");
+            let mnt = tree.join("x/bound");
+            let Some(guard) = Mount::new(&["--bind", outside.to_str().unwrap()], &mnt) else {
+                eprintln!("SKIPPED a_bind_mount...: this kernel refused a bind mount");
+                return;
+            };
+            if mode == Resolve::Portable && mount_id(&open_path(&mnt).unwrap()).is_none() {
+                eprintln!("SKIPPED a_bind_mount... (openat only): no statx mount ids");
+                continue;
+            }
+            let err = remove_tree_with(&tree, mode).unwrap_err();
+            assert_eq!(err, mount_point_error(&mnt), "{mode:?}");
+            assert!(outside.join("sub/precious").exists(), "{mode:?}");
+            drop(guard);
+
+            // A file bind-mounted over a file of the tree.
+            let file = tree.join("etc/resolv.conf");
+            fs::create_dir_all(file.parent().unwrap()).unwrap();
+            fs::write(&file, "").unwrap();
+            let source = outside.join("sub/precious");
+            let guard = Mount::new(&["--bind", source.to_str().unwrap()], &file).unwrap();
+            let err = remove_tree_with(&tree, mode).unwrap_err();
+            assert_eq!(err, mount_point_error(&file), "{mode:?}");
+            assert_eq!(fs::read_to_string(&source).unwrap(), "x", "{mode:?}");
+            drop(guard);
+            remove_tree_with(&tree, mode).unwrap();
+        }
+    }
+
+    /// A file that cannot be removed: the error names it.
+    #[test]
+    fn a_permission_error_names_the_path() {
+        if is_root() {
+            immutable_file_error_names_the_path();
+            // And what a user meets, as the user "nobody".
+            let exe = std::env::current_exe().unwrap();
+            let readable = exe
+                .ancestors()
+                .all(|p| fs::metadata(p).is_ok_and(|m| m.permissions().mode() & 0o005 == 0o005));
+            if readable {
+                in_child("read_only_directory_as_nobody", Some(65534));
+            } else {
+                eprintln!(
+                    "SKIPPED a_permission_error_names_the_path (as nobody): \
+                     the test binary is not readable by others"
+                );
+            }
+        } else {
+            read_only_directory_as_user();
+        }
+    }
+
+    fn immutable_file_error_names_the_path() {
+        struct Mutable(PathBuf);
+        impl Drop for Mutable {
+            fn drop(&mut self) {
+                let _ = Command::new("chattr").arg("-i").arg(&self.0).status();
+            }
+        }
+        let d = TempDir::new("immutable");
+        let tree = d.path().join("deploy");
+        fs::create_dir_all(tree.join("a")).unwrap();
+        let f = tree.join("a/image.iso");
+        fs::write(&f, "x").unwrap();
+        let ok = Command::new("chattr")
+            .arg("+i")
+            .arg(&f)
+            .stderr(std::process::Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        if !ok {
+            eprintln!(
+                "SKIPPED a_permission_error_names_the_path (as root): chattr +i is not supported here"
+            );
+            return;
+        }
+        let _guard = Mutable(f.clone());
+        for mode in MODES {
+            let err = remove_tree_with(&tree, mode).unwrap_err();
+            assert_eq!(
+                err,
+                format!(
+                    "cannot remove {}: Operation not permitted (os error 1)",
+                    f.display()
+                ),
+                "{mode:?}"
+            );
+            assert!(f.exists());
+        }
+    }
+
+    /// Driven by `a_permission_error_names_the_path`, which runs it in a
+    /// process of its own as the user "nobody" when the tests run as root.
+    #[test]
+    fn read_only_directory_as_nobody() {
+        if std::env::var_os(CHILD_ENV).is_none() {
+            return;
+        }
+        if is_root() {
+            eprintln!("SKIPPED read_only_directory_as_nobody: still root");
+            return;
+        }
+        read_only_directory_as_user();
+    }
+
+    fn read_only_directory_as_user() {
+        let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+        let top = std::env::temp_dir().join(format!("latd-tree-ro-{}-{n}", std::process::id()));
+        if fs::create_dir(&top).is_err() {
+            eprintln!(
+                "SKIPPED a_permission_error_names_the_path (as a user): {} is not writable",
+                std::env::temp_dir().display()
+            );
+            return;
+        }
+        let d = TempDir(top.canonicalize().unwrap());
+        read_only_directory_case(d.path());
+    }
+
+    fn read_only_directory_case(top: &Path) {
+        let tree = top.join("log");
+        let ro = tree.join("old");
+        fs::create_dir_all(&ro).unwrap();
+        let f = ro.join("build.log");
+        fs::write(&f, "x").unwrap();
+        fs::set_permissions(&ro, fs::Permissions::from_mode(0o555)).unwrap();
+        for mode in MODES {
+            let err = remove_tree_with(&tree, mode).unwrap_err();
+            assert_eq!(
+                err,
+                format!(
+                    "cannot remove {}: Permission denied (os error 13)",
+                    f.display()
+                ),
+                "{mode:?}"
+            );
+            assert!(f.exists());
+        }
+        fs::set_permissions(&ro, fs::Permissions::from_mode(0o755)).unwrap();
+        remove_tree(&tree).unwrap();
+    }
+
+    /// Another thread keeps swapping directories of the tree for symlinks to
+    /// a directory outside it while the tree is removed: whatever the
+    /// outcome, nothing outside is touched.
+    #[test]
+    fn swapping_a_directory_for_a_symlink_never_empties_its_target() {
+        for mode in MODES {
+            let d = TempDir::new("race");
+            let outside = d.path().join("outside");
+            fs::create_dir_all(outside.join("inner")).unwrap();
+            for i in 0..20 {
+                fs::write(outside.join(format!("keep-{i}")), "x").unwrap();
+                fs::write(outside.join(format!("inner/keep-{i}")), "x").unwrap();
+            }
+            for round in 0..40 {
+                let tree = d.path().join(format!("tree-{round}"));
+                for sub in ["sub", "sub/inner", "sub/inner/deeper"] {
+                    fs::create_dir_all(tree.join(sub)).unwrap();
+                    for i in 0..20 {
+                        fs::write(tree.join(sub).join(format!("f-{i}")), "x").unwrap();
+                    }
+                }
+                let stop = Arc::new(AtomicBool::new(false));
+                let attacker = {
+                    let (stop, tree, outside) = (stop.clone(), tree.clone(), outside.clone());
+                    std::thread::spawn(move || {
+                        while !stop.load(Ordering::Relaxed) {
+                            for (dir, target) in [
+                                (tree.join("sub"), outside.clone()),
+                                (tree.join("sub/inner"), outside.join("inner")),
+                            ] {
+                                let aside = dir.with_extension("aside");
+                                if fs::rename(&dir, &aside).is_ok() {
+                                    let _ = symlink(&target, &dir);
+                                    std::thread::yield_now();
+                                    let _ = fs::remove_file(&dir);
+                                    let _ = fs::rename(&aside, &dir);
+                                }
+                            }
+                        }
+                    })
+                };
+                let result = remove_tree_with(&tree, mode);
+                stop.store(true, Ordering::Relaxed);
+                attacker.join().unwrap();
+                if let Err(e) = result {
+                    assert!(e.contains(tree.to_str().unwrap()), "{e}");
+                }
+                for i in 0..20 {
+                    assert!(outside.join(format!("keep-{i}")).exists(), "{mode:?}");
+                    assert!(outside.join(format!("inner/keep-{i}")).exists(), "{mode:?}");
+                }
+                remove_tree_with(&tree, mode).unwrap();
+                assert!(fs::symlink_metadata(&tree).is_err());
+            }
+        }
+    }
+}
