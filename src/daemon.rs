@@ -215,7 +215,13 @@ pub fn run(settings: Settings) -> Result<(), String> {
     // (it was killed, or crashed) carries the channel's mark: kill it. The
     // state file names pids too, but it lies in the shared channel, and a
     // pid in it is not proof enough to kill.
-    let stray = effects::kill_tagged(&tag);
+    let mut stray = effects::kill_tagged(&tag);
+    if persisted.current.is_some() {
+        // A child forked just before the old latd died shows the mark only
+        // once it has exec'd: look again after a moment.
+        std::thread::sleep(Duration::from_millis(200));
+        stray += effects::kill_tagged(&tag);
+    }
     let interrupted = match persisted.current.as_ref() {
         Some(b) => {
             let what = if stray > 0 {
