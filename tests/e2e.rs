@@ -323,24 +323,7 @@ fn sigterm_to_latd_stops_the_build_and_exits_0() {
 fn client_written_from_the_protocol_document_drives_every_action() {
     let env = TestEnv::new("proto");
     let _d = env.daemon();
-    let client = |args: &[&str]| -> serde_json::Value {
-        let o = std::process::Command::new("python3")
-            .arg(concat!(
-                env!("CARGO_MANIFEST_DIR"),
-                "/tests/clients/protocol_client.py"
-            ))
-            .args([
-                "--channel",
-                env.channel.to_str().unwrap(),
-                "--timeout",
-                "20",
-            ])
-            .args(args)
-            .output()
-            .expect("python3");
-        assert!(o.status.success(), "{}", stderr(&o));
-        serde_json::from_slice(&o.stdout).unwrap()
-    };
+    let client = |args: &[&str]| protocol_client(&env.channel, args);
     let ws = env.ws.to_str().unwrap();
     let r = client(&["--action", "status", "--workdir", ws]);
     assert_eq!(r["result"], "succeed");

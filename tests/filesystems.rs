@@ -24,21 +24,6 @@ fn mount(args: &[&str], target: &Path) -> Option<Mount> {
     st.success().then(|| Mount(target.to_path_buf()))
 }
 
-/// Runs the original-protocol client from the protocol document.
-fn protocol_client(channel: &Path, args: &[&str]) -> serde_json::Value {
-    let o = Command::new("python3")
-        .arg(concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/tests/clients/protocol_client.py"
-        ))
-        .args(["--channel", channel.to_str().unwrap(), "--timeout", "20"])
-        .args(args)
-        .output()
-        .expect("python3");
-    assert!(o.status.success(), "{}", stderr(&o));
-    serde_json::from_slice(&o.stdout).unwrap()
-}
-
 #[test]
 fn works_on_an_overlay_mount() {
     if skip_unless_root("works_on_an_overlay_mount") {
@@ -181,19 +166,8 @@ fn build_user_can_use_a_channel_served_by_root() {
     }
     // An original client running as the user, too.
     use std::os::unix::process::CommandExt;
-    let o = Command::new("python3")
-        .arg(concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/tests/clients/protocol_client.py"
-        ))
-        .args([
-            "--channel",
-            env.channel.to_str().unwrap(),
-            "--action",
-            "status",
-            "--timeout",
-            "10",
-        ])
+    let o = protocol_client_cmd(&env.channel)
+        .args(["--action", "status"])
         .uid(USER)
         .gid(USER)
         .output()

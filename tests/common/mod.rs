@@ -562,3 +562,25 @@ pub fn channel_files(channel: &Path, prefix: &str) -> Vec<String> {
     v.sort();
     v
 }
+
+/// The client written only from the protocol document (Python), ready to
+/// take `--action ...`.
+pub fn protocol_client_cmd(channel: &Path) -> Command {
+    let mut c = Command::new("python3");
+    c.arg(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/clients/protocol_client.py"
+    ))
+    .args(["--channel", channel.to_str().unwrap(), "--timeout", "20"]);
+    c
+}
+
+/// Runs the protocol-document client; its reply as JSON.
+pub fn protocol_client(channel: &Path, args: &[&str]) -> serde_json::Value {
+    let o = protocol_client_cmd(channel)
+        .args(args)
+        .output()
+        .expect("python3");
+    assert!(o.status.success(), "{}", stderr(&o));
+    serde_json::from_slice(&o.stdout).unwrap()
+}
