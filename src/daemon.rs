@@ -436,6 +436,10 @@ impl Daemon {
                 log::info!("running appsdk exampleyamls in {}", workdir.display());
                 self.procs.spawn_getyaml(&self.sdk, job, &workdir)
             }
+            Effect::CancelJob { job } => {
+                self.procs.cancel_job(job);
+                None
+            }
             Effect::WriteStatus(doc) => {
                 self.channel.write_status(&doc);
                 None

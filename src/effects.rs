@@ -235,6 +235,22 @@ impl Processes {
         out
     }
 
+    /// Kills a getyaml job that overran its time.
+    pub fn cancel_job(&mut self, job: JobId) {
+        for (&pid, (j, workdir)) in &self.yaml_jobs {
+            if *j == job {
+                log::warn!(
+                    "killing appsdk exampleyamls in {} (pid {pid}): it overran",
+                    workdir.display()
+                );
+                // SAFETY: killpg has no memory effects; the job leads its group.
+                unsafe {
+                    libc::killpg(pid, libc::SIGKILL);
+                }
+            }
+        }
+    }
+
     /// Kills getyaml jobs (on exit: nothing latd started outlives it).
     pub fn kill_jobs(&mut self) {
         for &pid in self.yaml_jobs.keys() {

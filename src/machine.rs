@@ -236,6 +236,8 @@ pub enum Effect {
     StartClean { job: JobId, workdir: PathBuf },
     /// Run `appsdk exampleyamls` in `workdir`; report [`Event::YamlDone`].
     StartGetYaml { job: JobId, workdir: PathBuf },
+    /// Kill a background job that overran its time (no outcome expected).
+    CancelJob { job: JobId },
     /// Write `status.lat`.
     WriteStatus(StatusDoc),
     /// Save what must survive a restart.
@@ -436,7 +438,10 @@ pub enum Does {
     StopFinished,
     /// At the deadline: after the grace period, SIGKILL the group; after
     /// the wait that follows, finish the stop even if processes remain.
+    /// (Checks the getyaml deadline too.)
     StopDeadline,
+    /// A getyaml that overran its time is cancelled and answered.
+    JobDeadline,
     CleanFinished,
     YamlFinished,
     /// Stop the build, then exit.
@@ -465,6 +470,9 @@ const IDLE: &[StateKind] = &[StateKind::Idle];
 const BUILDING: &[StateKind] = &[StateKind::Building];
 const STOPPING: &[StateKind] = &[StateKind::Stopping];
 const CLEANING: &[StateKind] = &[StateKind::Cleaning];
+
+/// How long `appsdk exampleyamls` may take before it is killed.
+pub const GETYAML_TIMEOUT_MS: Millis = 120_000;
 
 /// After SIGKILL, how long to wait for the build's processes to go
 /// before the stop is finished anyway.
@@ -527,7 +535,7 @@ pub fn rule(state: StateKind, event: EventKind) -> Rule {
         }
         (S::Stopping, E::Tick) => rule_to(&[StateKind::Stopping, StateKind::Idle], StopDeadline),
         (S::Idle | S::Building | S::Cleaning, E::GroupGone) => rule_to(state_slice(state), Ignore),
-        (S::Idle | S::Building | S::Cleaning, E::Tick) => rule_to(state_slice(state), Ignore),
+        (S::Idle | S::Building | S::Cleaning, E::Tick) => rule_to(state_slice(state), JobDeadline),
 
         // clean
         (S::Idle, E::Clean) => rule_to(&[StateKind::Cleaning, StateKind::Idle], StartClean),
@@ -614,6 +622,8 @@ struct YamlJob {
     job: JobId,
     workdir: PathBuf,
     waiters: Vec<ReqId>,
+    /// When it is cancelled if still running.
+    deadline: Millis,
 }
 
 /// The daemon's logic. See the module docs.
@@ -672,10 +682,12 @@ impl Machine {
 
     /// When the machine next needs a [`Event::Tick`], if ever.
     pub fn poll_timeout(&self) -> Option<Millis> {
-        match &self.state {
+        let stop = match &self.state {
             State::Stopping { deadline, .. } => Some(*deadline),
             _ => None,
-        }
+        };
+        let job = self.getyaml.as_ref().map(|j| j.deadline);
+        stop.into_iter().chain(job).min()
     }
 
     /// The build status reports: the running one, else the last finished.
@@ -991,7 +1003,9 @@ impl Machine {
                     }
                 }
             }
+            (Does::JobDeadline, Event::Tick) => self.check_job_deadline(now, fx),
             (Does::StopDeadline, Event::Tick) => {
+                self.check_job_deadline(now, fx);
                 if let State::Stopping {
                     build,
                     deadline,
@@ -1077,6 +1091,7 @@ impl Machine {
                         job,
                         workdir: workdir.clone(),
                         waiters: vec![id],
+                        deadline: now.saturating_add(GETYAML_TIMEOUT_MS),
                     });
                     fx.push(Effect::StartGetYaml { job, workdir });
                 }
@@ -1220,6 +1235,23 @@ impl Machine {
         if then_exit {
             self.answer_getyaml_waiters("latd is shutting down", fx);
             self.exited = true;
+        }
+    }
+
+    /// Cancels a getyaml that overran its time, answering its waiters.
+    fn check_job_deadline(&mut self, now: Millis, fx: &mut Vec<Effect>) {
+        if self.getyaml.as_ref().is_some_and(|j| now >= j.deadline) {
+            let job = self.getyaml.as_ref().map(|j| j.job);
+            if let Some(job) = job {
+                fx.push(Effect::CancelJob { job });
+            }
+            self.answer_getyaml_waiters(
+                &format!(
+                    "appsdk exampleyamls did not finish within {} s and was killed; check the SDK",
+                    GETYAML_TIMEOUT_MS / 1000
+                ),
+                fx,
+            );
         }
     }
 

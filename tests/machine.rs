@@ -1407,6 +1407,8 @@ struct World {
     /// Clean / getyaml jobs started and not yet reported done.
     cleans: BTreeSet<u64>,
     yamls: BTreeSet<u64>,
+    /// When the running getyaml would be cancelled.
+    yaml_deadline: Option<Millis>,
     next_req: u64,
     open: BTreeSet<ReqId>,
     exited: bool,
@@ -1460,6 +1462,7 @@ impl World {
             jobs: Vec::new(),
             cleans: BTreeSet::new(),
             yamls: BTreeSet::new(),
+            yaml_deadline: None,
             next_req: 0,
             open: BTreeSet::new(),
             exited: false,
@@ -1817,12 +1820,18 @@ impl World {
                         "{ctx}: getyaml beside a job"
                     );
                     self.yamls.insert(job.0);
+                    self.yaml_deadline = Some(self.now + GETYAML_TIMEOUT_MS);
                     let result = if self.roll(4) == 0 {
                         Err("appsdk exampleyamls exited with code 1".to_string())
                     } else {
                         Ok(workdir.join("exampleyamls/debian-image-base-intel-x86-64.yaml"))
                     };
                     self.jobs.push(Event::YamlDone { job: *job, result });
+                }
+                Effect::CancelJob { job } => {
+                    // Killed: its late YamlDone is stale from now on.
+                    assert!(self.yamls.remove(&job.0), "{ctx}: cancels an unknown job");
+                    assert_eq!(kind, EventKind::Tick, "{ctx}");
                 }
                 Effect::Exit => {
                     assert_eq!(i, fx.len() - 1, "{ctx}: Exit must come last");
@@ -1859,13 +1868,21 @@ impl World {
             } => {
                 let d = *deadline;
                 let id = build.id;
-                // The grace deadline, then the wait after SIGKILL.
-                assert_eq!(self.m.poll_timeout(), Some(d), "{ctx}");
+                // The grace deadline, then the wait after SIGKILL (or a
+                // getyaml's deadline, if sooner).
+                let t = self.m.poll_timeout();
+                assert!(
+                    t == Some(d) || (t < Some(d) && t == self.yaml_deadline),
+                    "{ctx}: {t:?}"
+                );
                 if !*killed {
                     assert_eq!(self.sim(id).deadline, Some(d), "{ctx}");
                 }
             }
-            _ => assert_eq!(self.m.poll_timeout(), None, "{ctx}"),
+            _ => {
+                let t = self.m.poll_timeout();
+                assert!(t.is_none() || t == self.yaml_deadline, "{ctx}: {t:?}");
+            }
         }
 
         if let Some(ev) = next {
@@ -2183,4 +2200,37 @@ fn deeply_nested_requests_are_refused_unparsed() {
     }
     let ok = format!("action: status\nx: {}1{}\n", "[".repeat(10), "]".repeat(10));
     assert!(parse_request(ok.as_bytes()).is_ok());
+}
+
+#[test]
+fn a_getyaml_that_overruns_is_killed_and_answered() {
+    let mut r = Rig::new();
+    let (id, fx) = r.ask(Request::GetYaml {
+        workdir: "/w".into(),
+    });
+    let job = match fx.as_slice() {
+        [Effect::StartGetYaml { job, .. }] => *job,
+        other => panic!("{other:#?}"),
+    };
+    assert_eq!(r.m.poll_timeout(), Some(r.now + GETYAML_TIMEOUT_MS));
+    r.now += GETYAML_TIMEOUT_MS - 1;
+    assert!(r.go(tick).is_empty(), "not before its time");
+    r.now += 1;
+    let fx = r.go(tick);
+    assert!(fx.contains(&Effect::CancelJob { job }), "{fx:#?}");
+    let rep = reply_to(&fx, id);
+    assert_eq!(rep.result, ReplyResult::Fail);
+    assert!(rep.fail_reason.unwrap().contains("did not finish"));
+    assert_eq!(r.m.poll_timeout(), None);
+    // Its late outcome is stale; a clean may run now.
+    assert!(r
+        .step(Event::YamlDone {
+            job,
+            result: Err("killed".into())
+        })
+        .is_empty());
+    let (_, fx) = r.ask(Request::Clean {
+        workdir: "/w".into(),
+    });
+    assert!(fx.iter().any(|e| matches!(e, Effect::StartClean { .. })));
 }
