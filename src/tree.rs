@@ -692,6 +692,13 @@ mod tests {
     use std::sync::atomic::AtomicU64;
     use std::sync::Arc;
 
+    /// Says plainly, past the test harness's output capture, that (part
+    /// of) a test was skipped and why.
+    fn skipped(what: &str) {
+        use std::io::Write;
+        let _ = writeln!(std::io::stderr(), "SKIPPED {what}");
+    }
+
     static COUNTER: AtomicU64 = AtomicU64::new(0);
 
     /// A fresh directory under the system's temporary directory, removed
@@ -972,9 +979,7 @@ mod tests {
     #[test]
     fn a_mount_point_below_root_is_reported_by_path_and_left_alone() {
         if !is_root() {
-            eprintln!(
-                "SKIPPED a_mount_point_below_root_is_reported_by_path_and_left_alone: needs root"
-            );
+            skipped("a_mount_point_below_root_is_reported_by_path_and_left_alone: needs root");
             return;
         }
         for mode in MODES {
@@ -984,7 +989,7 @@ mod tests {
             fs::write(tree.join("a/file"), "x").unwrap();
             let mnt = tree.join("a/rootfs/proc");
             let Some(guard) = Mount::new(&["-t", "tmpfs", "-o", "size=64k", "none"], &mnt) else {
-                eprintln!("SKIPPED a_mount_point_below_root...: this kernel refused a tmpfs mount");
+                skipped("a_mount_point_below_root...: this kernel refused a tmpfs mount");
                 return;
             };
             fs::create_dir(mnt.join("sub")).unwrap();
@@ -1018,9 +1023,7 @@ mod tests {
     #[test]
     fn a_bind_mount_of_the_same_file_system_is_reported_and_left_alone() {
         if !is_root() {
-            eprintln!(
-                "SKIPPED a_bind_mount_of_the_same_file_system_is_reported_and_left_alone: needs root"
-            );
+            skipped("a_bind_mount_of_the_same_file_system_is_reported_and_left_alone: needs root");
             return;
         }
         for mode in MODES {
@@ -1031,11 +1034,11 @@ mod tests {
             let tree = d.path().join("workdir");
             let mnt = tree.join("x/bound");
             let Some(guard) = Mount::new(&["--bind", outside.to_str().unwrap()], &mnt) else {
-                eprintln!("SKIPPED a_bind_mount...: this kernel refused a bind mount");
+                skipped("a_bind_mount...: this kernel refused a bind mount");
                 return;
             };
             if mode == Resolve::Portable && mount_id(&open_path(&mnt).unwrap()).is_none() {
-                eprintln!("SKIPPED a_bind_mount... (openat only): no statx mount ids");
+                skipped("a_bind_mount... (openat only): no statx mount ids");
                 continue;
             }
             let err = remove_tree_with(&tree, mode).unwrap_err();
@@ -1070,9 +1073,9 @@ mod tests {
             if readable {
                 in_child("read_only_directory_as_nobody", Some(65534));
             } else {
-                eprintln!(
-                    "SKIPPED a_permission_error_names_the_path (as nobody): \
-                     the test binary is not readable by others"
+                skipped(
+                    "a_permission_error_names_the_path (as nobody): \
+                     the test binary is not readable by others",
                 );
             }
         } else {
@@ -1099,9 +1102,7 @@ mod tests {
             .status()
             .is_ok_and(|s| s.success());
         if !ok {
-            eprintln!(
-                "SKIPPED a_permission_error_names_the_path (as root): chattr +i is not supported here"
-            );
+            skipped("a_permission_error_names_the_path (as root): chattr +i is not supported here");
             return;
         }
         let _guard = Mutable(f.clone());
@@ -1127,7 +1128,7 @@ mod tests {
             return;
         }
         if is_root() {
-            eprintln!("SKIPPED read_only_directory_as_nobody: still root");
+            skipped("read_only_directory_as_nobody: still root");
             return;
         }
         read_only_directory_as_user();
@@ -1137,10 +1138,10 @@ mod tests {
         let n = COUNTER.fetch_add(1, Ordering::Relaxed);
         let top = std::env::temp_dir().join(format!("latd-tree-ro-{}-{n}", std::process::id()));
         if fs::create_dir(&top).is_err() {
-            eprintln!(
-                "SKIPPED a_permission_error_names_the_path (as a user): {} is not writable",
+            skipped(&format!(
+                "a_permission_error_names_the_path (as a user): {} is not writable",
                 std::env::temp_dir().display()
-            );
+            ));
             return;
         }
         let d = TempDir(top.canonicalize().unwrap());

@@ -467,7 +467,7 @@ fn wait_shows_progress_on_a_terminal_and_plain_lines_otherwise() {
         .output()
         .ok();
     let Some(o) = o else {
-        eprintln!("SKIPPED the terminal half: script(1) is not available");
+        skipped("the terminal half: script(1) is not available");
         return;
     };
     let text = stdout(&o);

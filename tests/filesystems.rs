@@ -49,7 +49,7 @@ fn works_on_an_overlay_mount() {
         work.display()
     );
     let Some(_m) = mount(&["-t", "overlay", "overlay", "-o", &opts], &merged) else {
-        eprintln!("SKIPPED works_on_an_overlay_mount: this kernel refused an overlay mount");
+        skipped("works_on_an_overlay_mount: this kernel refused an overlay mount");
         return;
     };
     let mut d = env.daemon_on(&merged);
@@ -78,7 +78,7 @@ fn sees_requests_through_a_negative_lookup_cache() {
         return;
     }
     if Command::new("bindfs").arg("--version").output().is_err() {
-        eprintln!("SKIPPED sees_requests_through_a_negative_lookup_cache: bindfs is not installed");
+        skipped("sees_requests_through_a_negative_lookup_cache: bindfs is not installed");
         return;
     }
     let env = TestEnv::new("negcache");
@@ -95,7 +95,7 @@ fn sees_requests_through_a_negative_lookup_cache() {
         .status()
         .unwrap();
     if !st.success() {
-        eprintln!("SKIPPED sees_requests_through_a_negative_lookup_cache: FUSE mount refused");
+        skipped("sees_requests_through_a_negative_lookup_cache: FUSE mount refused");
         return;
     }
     let _m = Mount(view.clone());

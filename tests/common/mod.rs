@@ -297,12 +297,21 @@ pub fn is_root() -> bool {
     unsafe { libc::geteuid() == 0 }
 }
 
+/// Says plainly, past the test harness's output capture, that (part of) a
+/// test was skipped and why.
+pub fn skipped(what: &str) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr(), "SKIPPED {what}");
+}
+
 /// Says plainly that a root-only test was skipped.
 pub fn skip_unless_root(test: &str) -> bool {
     if is_root() {
         return false;
     }
-    eprintln!("SKIPPED {test}: needs root (run the suite as root, as CI does)");
+    skipped(&format!(
+        "{test}: needs root (run the suite as root, as CI does)"
+    ));
     true
 }
 
