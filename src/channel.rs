@@ -107,6 +107,11 @@ impl Channel {
         }
     }
 
+    /// Opens the daemon's end of the wake-up FIFO.
+    pub fn open_fifo(&self) -> io::Result<fs::File> {
+        fsutil::open_fifo(&self.path(protocol::WAKE_FIFO), self.owner)
+    }
+
     pub fn dir(&self) -> &Path {
         &self.dir
     }
@@ -132,7 +137,7 @@ impl Channel {
         self.set_up = true;
         // The FIFO is only a wake-up hint: without it (a filesystem with
         // no FIFOs) latd still serves every request by polling.
-        match fsutil::ensure_fifo(&self.path(protocol::WAKE_FIFO), self.owner) {
+        match fsutil::ensure_fifo(&self.path(protocol::WAKE_FIFO)) {
             Ok(made) => Ok(made),
             Err(e) => {
                 if !self.fifo_warned {

@@ -166,7 +166,7 @@ impl Client {
         let mut last_alive = start;
         let mut pause = Duration::from_micros(100);
         loop {
-            match fs::read(&rep_path) {
+            match fsutil::read_regular(&rep_path) {
                 Ok(bytes) => {
                     let _ = fs::remove_file(&rep_path);
                     return Reply::parse(&bytes).map_err(ClientError::Io);
@@ -227,8 +227,8 @@ impl Client {
             .map(Path::to_path_buf)
             .chain(std::iter::once(self.channel.join(fallback)));
         for p in candidates {
-            if let Ok(text) = fs::read_to_string(&p) {
-                return Some((p, text));
+            if let Ok(bytes) = fsutil::read_regular(&p) {
+                return Some((p, String::from_utf8_lossy(&bytes).into_owned()));
             }
         }
         None

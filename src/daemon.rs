@@ -13,7 +13,6 @@ use std::collections::{HashMap, VecDeque};
 use std::fs;
 use std::io::{self, Read};
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -56,6 +55,7 @@ struct Wakeup {
     signal_rx: UnixStream,
     signal_tx: UnixStream,
     fifo: Option<fs::File>,
+    fifo_failed: bool,
     shutdown: Arc<AtomicBool>,
 }
 
@@ -75,19 +75,29 @@ impl Wakeup {
             signal_rx: rx,
             signal_tx: tx,
             fifo: None,
+            fifo_failed: false,
             shutdown,
         })
     }
 
-    /// (Re)opens the FIFO read-write so it never reports end-of-file.
-    fn open_fifo(&mut self, path: &Path) {
-        self.fifo = fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .custom_flags(libc::O_NONBLOCK)
-            .open(path)
-            .map_err(|e| log::warn!("cannot open {}: {e}; polling only", path.display()))
-            .ok();
+    /// (Re)opens the wake-up FIFO; without it latd only polls.
+    fn open_fifo(&mut self, channel: &Channel) {
+        match channel.open_fifo() {
+            Ok(f) => {
+                self.fifo = Some(f);
+                self.fifo_failed = false;
+            }
+            Err(e) => {
+                if !self.fifo_failed {
+                    log::warn!(
+                        "cannot open {}: {e}; polling only until it can be",
+                        channel.path(protocol::WAKE_FIFO).display()
+                    );
+                }
+                self.fifo = None;
+                self.fifo_failed = true;
+            }
+        }
     }
 
     /// Sleeps until a wake-up or `timeout`, then drains what woke us.
@@ -109,10 +119,20 @@ impl Wakeup {
         unsafe {
             libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, ms);
         }
-        let mut buf = [0u8; 256];
-        while matches!((&self.signal_rx).read(&mut buf), Ok(n) if n > 0) {}
+        // Drain what woke us, boundedly: a client that writes without end
+        // must not keep the loop here.
+        let mut buf = [0u8; 4096];
+        for _ in 0..16 {
+            if !matches!((&self.signal_rx).read(&mut buf), Ok(n) if n > 0) {
+                break;
+            }
+        }
         if let Some(mut f) = self.fifo.as_ref() {
-            while matches!(f.read(&mut buf), Ok(n) if n > 0) {}
+            for _ in 0..16 {
+                if !matches!(f.read(&mut buf), Ok(n) if n > 0) {
+                    break;
+                }
+            }
         }
     }
 
@@ -192,7 +212,7 @@ pub fn run(settings: Settings) -> Result<(), String> {
     let _lock = lock_channel(&settings.channel)?;
     Processes::become_subreaper();
     let mut wakeup = Wakeup::new().map_err(|e| format!("cannot set up signal handling: {e}"))?;
-    wakeup.open_fifo(&channel.path(protocol::WAKE_FIFO));
+    wakeup.open_fifo(&channel);
     if !settings.env_script().is_file() {
         log::warn!(
             "SDK environment script {} not found: builds and getyaml will fail until it exists",
@@ -210,7 +230,14 @@ pub fn run(settings: Settings) -> Result<(), String> {
     let now = clock.now();
     let state_path = channel.path(protocol::STATE_FILE);
     let persisted = effects::load_state(&state_path);
-    let tag = settings.channel.to_string_lossy().into_owned();
+    // The mark is the channel's canonical path, so that every spelling of
+    // it (a trailing slash, a symlink) finds the same processes.
+    let tag = settings
+        .channel
+        .canonicalize()
+        .unwrap_or_else(|_| settings.channel.clone())
+        .to_string_lossy()
+        .into_owned();
     // Whatever a previous latd on this channel started and left running
     // (it was killed, or crashed) carries the channel's mark: kill it. The
     // state file names pids too, but it lies in the shared channel, and a
@@ -257,6 +284,7 @@ pub fn run(settings: Settings) -> Result<(), String> {
                 .allow_hack_cmd
                 .then(|| settings.workspace.join("hack/lat-genimage-cmd")),
             tag,
+            root: root.clone(),
         },
         settings,
         root,
@@ -313,8 +341,9 @@ pub fn run(settings: Settings) -> Result<(), String> {
 
 impl Daemon {
     fn tick(&mut self, wakeup: &mut Wakeup, shutdown_sent: &mut bool) {
-        if let Ok(true) = self.channel.ensure() {
-            wakeup.open_fifo(&self.channel.path(protocol::WAKE_FIFO));
+        let made = self.channel.ensure().unwrap_or(false);
+        if made || wakeup.fifo.is_none() {
+            wakeup.open_fifo(&self.channel);
         }
         if wakeup.shutdown.load(Ordering::Relaxed) && !*shutdown_sent {
             *shutdown_sent = true;
@@ -429,7 +458,13 @@ impl Daemon {
             Effect::StartClean { job, workdir } => {
                 log::info!("cleaning {}", workdir.display());
                 let w = Arc::clone(&self.waker);
-                effects::start_clean(job, workdir, self.jobs_tx.clone(), move || w());
+                effects::start_clean(
+                    job,
+                    self.root.clone(),
+                    workdir,
+                    self.jobs_tx.clone(),
+                    move || w(),
+                );
                 None
             }
             Effect::StartGetYaml { job, workdir } => {

@@ -21,10 +21,81 @@ pub struct SdkConfig {
     /// Value of [`TAG_VAR`] in every process latd starts (the channel's
     /// path), so a restarted latd can find what a crashed one left.
     pub tag: String,
+    /// The canonical workspace root: workdirs are opened beneath it
+    /// without following symlinks.
+    pub root: PathBuf,
 }
 
 /// Environment variable that marks the processes latd starts.
 pub const TAG_VAR: &str = "LATD_CHANNEL";
+/// Environment variable that says which job a process belongs to:
+/// `build-<id>` or `getyaml-<job>`.
+pub const JOB_VAR: &str = "LATD_JOB";
+
+/// Opens `workdir` beneath the workspace root and its `log/` directory,
+/// and creates `log/<out>` afresh; no step follows a symlink, so a workdir
+/// or log dir swapped for one after the request was checked is refused.
+/// With `rotate`, the previous `log.appsdk` is kept as `log.appsdk.previous`.
+fn prepare(
+    sdk: &SdkConfig,
+    workdir: &Path,
+    out: &str,
+    rotate: bool,
+) -> Result<(fs::File, fs::File), String> {
+    use crate::fsutil;
+    let dir = fsutil::open_dir_beneath(&sdk.root, workdir)
+        .map_err(|e| format!("cannot open {}: {e}", workdir.display()))?;
+    let log = fsutil::ensure_subdir_at(&dir, "log")
+        .map_err(|e| format!("cannot use {}: {e}", workdir.join("log").display()))?;
+    if rotate {
+        match fsutil::rename_at(&log, "log.appsdk", "log.appsdk.previous") {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => {
+                log::warn!("cannot keep the previous log: {e}")
+            }
+            _ => {}
+        }
+    }
+    let file = fsutil::create_fresh_at(&log, out, 0o644).map_err(|e| {
+        format!(
+            "cannot create {}: {e}",
+            workdir.join("log").join(out).display()
+        )
+    })?;
+    Ok((dir, file))
+}
+
+/// Sets up `cmd` to run in the directory `dir` (entered by descriptor, not
+/// by path), with output to `out`, marked as latd's and as `job`, in a
+/// process group of its own.
+fn configure(
+    cmd: &mut Command,
+    dir: &fs::File,
+    out: fs::File,
+    sdk: &SdkConfig,
+    job: &str,
+) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let dirfd = dir.as_raw_fd();
+    let err = out.try_clone()?;
+    cmd.stdin(Stdio::null())
+        .stdout(out)
+        .stderr(err)
+        .env(TAG_VAR, &sdk.tag)
+        .env(JOB_VAR, job)
+        .process_group(0);
+    // SAFETY: fchdir is async-signal-safe; `dir` outlives the spawn (the
+    // caller holds it), and the closure touches nothing else.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::fchdir(dirfd) == 0 {
+                Ok(())
+            } else {
+                Err(io::Error::last_os_error())
+            }
+        });
+    }
+    Ok(())
+}
 
 /// Output directories `clean` removes under a workdir.
 pub const CLEAN_DIRS: [&str; 4] = ["deploy", "exampleyamls", "workdir", "log"];
@@ -43,6 +114,8 @@ struct RunningBuild {
     log_file: PathBuf,
     leader_exit: Option<Exit>,
     exit_reported: bool,
+    /// SIGKILL was asked for: repeated until nothing of the build is left.
+    killing: bool,
 }
 
 /// Every child process of the daemon: the build, getyaml jobs, and orphans
@@ -66,7 +139,7 @@ impl Processes {
 
     /// Starts a build in its own process group, output kept in `log/`.
     pub fn spawn_build(&mut self, sdk: &SdkConfig, build_id: u64, req: &BuildRequest) -> Event {
-        match self.try_spawn_build(sdk, req) {
+        match self.try_spawn_build(sdk, build_id, req) {
             Ok((pid, process)) => {
                 self.build = Some(RunningBuild {
                     build_id,
@@ -74,6 +147,7 @@ impl Processes {
                     log_file: req.workdir.join("log").join("log.appsdk"),
                     leader_exit: None,
                     exit_reported: false,
+                    killing: false,
                 });
                 log::info!(
                     "build {build_id} started: pid {pid}, {} in {}",
@@ -92,22 +166,10 @@ impl Processes {
     fn try_spawn_build(
         &self,
         sdk: &SdkConfig,
+        build_id: u64,
         req: &BuildRequest,
     ) -> Result<(i32, ProcessId), String> {
-        let log_dir = req.workdir.join("log");
-        crate::fsutil::ensure_real_dir(&log_dir)
-            .map_err(|e| format!("cannot use {}: {e}", log_dir.display()))?;
-        // Keep the previous build's log instead of deleting it.
-        let log = log_dir.join("log.appsdk");
-        if log.exists() {
-            let _ = fs::rename(&log, log_dir.join("log.appsdk.previous"));
-        }
-        let console_path = log_dir.join("console.log");
-        let console = crate::fsutil::create_fresh(&console_path, 0o644)
-            .map_err(|e| format!("cannot create {}: {e}", console_path.display()))?;
-        let console2 = console
-            .try_clone()
-            .map_err(|e| format!("cannot duplicate a file handle: {e}"))?;
+        let (dir, console) = prepare(sdk, &req.workdir, "console.log", true)?;
         let sub = match req.kind {
             BuildKind::Genimage => "genimage",
             BuildKind::Geninitramfs => "geninitramfs",
@@ -132,12 +194,8 @@ impl Processes {
                     .arg(&req.yaml_file);
             }
         }
-        cmd.current_dir(&req.workdir)
-            .stdin(Stdio::null())
-            .stdout(console)
-            .stderr(console2)
-            .env(TAG_VAR, &sdk.tag)
-            .process_group(0);
+        configure(&mut cmd, &dir, console, sdk, &format!("build-{build_id}"))
+            .map_err(|e| format!("cannot set up the build: {e}"))?;
         let child = cmd.spawn().map_err(|e| format!("cannot run bash: {e}"))?;
         let pid = child.id() as i32;
         // We reap with waitpid(-1); the Child handle is not needed.
@@ -154,25 +212,17 @@ impl Processes {
 
     /// Starts `appsdk exampleyamls` in `workdir`.
     pub fn spawn_getyaml(&mut self, sdk: &SdkConfig, job: JobId, workdir: &Path) -> Option<Event> {
-        let out_path = workdir.join("log").join("getyaml.log");
-        let spawned = crate::fsutil::ensure_real_dir(&workdir.join("log"))
-            .and_then(|_| crate::fsutil::create_fresh(&out_path, 0o644))
-            .and_then(|out| {
-                let err = out.try_clone()?;
-                Command::new("bash")
-                    .args([
-                        "-c",
-                        ". \"$0\" && exec appsdk exampleyamls --pkg-type external-debian",
-                    ])
-                    .arg(&sdk.env_script)
-                    .current_dir(workdir)
-                    .stdin(Stdio::null())
-                    .stdout(out)
-                    .stderr(err)
-                    .env(TAG_VAR, &sdk.tag)
-                    .process_group(0)
-                    .spawn()
-            });
+        let spawned = prepare(sdk, workdir, "getyaml.log", false).and_then(|(dir, out)| {
+            let mut cmd = Command::new("bash");
+            cmd.args([
+                "-c",
+                ". \"$0\" && exec appsdk exampleyamls --pkg-type external-debian",
+            ])
+            .arg(&sdk.env_script);
+            configure(&mut cmd, &dir, out, sdk, &format!("getyaml-{}", job.0))
+                .and_then(|()| cmd.spawn())
+                .map_err(|e| format!("cannot run appsdk exampleyamls: {e}"))
+        });
         match spawned {
             Ok(child) => {
                 self.yaml_jobs
@@ -181,7 +231,7 @@ impl Processes {
             }
             Err(e) => Some(Event::YamlDone {
                 job,
-                result: Err(format!("cannot run appsdk exampleyamls: {e}")),
+                result: Err(e),
             }),
         }
     }
@@ -207,9 +257,15 @@ impl Processes {
         unsafe {
             libc::killpg(pgid, signo);
         }
-        for pid in self.build_processes() {
-            // SAFETY: as above.
-            if unsafe { libc::getpgid(pid) } != pgid {
+        if sig == Sig::Kill {
+            if let Some(b) = self.build.as_mut() {
+                b.killing = true;
+            }
+        }
+        for pid in self.build_processes(build_id) {
+            // SAFETY: getpgid and kill have no memory effects.
+            let group = unsafe { libc::getpgid(pid) };
+            if group != -1 && group != pgid {
                 log::info!("build {build_id}: sending {name} to pid {pid}, outside its group");
                 // SAFETY: as above.
                 unsafe {
@@ -219,20 +275,36 @@ impl Processes {
         }
     }
 
-    /// Our descendants except getyaml jobs and theirs: with one build at a
-    /// time, these are the build's processes, wherever they moved.
-    fn build_processes(&self) -> Vec<i32> {
-        let mut out = Vec::new();
-        let mut queue = vec![std::process::id() as i32];
-        while let Some(parent) = queue.pop() {
-            for pid in children_of(parent) {
-                if !self.yaml_jobs.contains_key(&pid) {
-                    out.push(pid);
-                    queue.push(pid);
+    /// Build `build_id`'s processes among our descendants, wherever they
+    /// moved: those marked as its job, and those whose mark is gone (a
+    /// scrubbed environment), but never a getyaml's.
+    fn build_processes(&self, build_id: u64) -> Vec<i32> {
+        let mine = format!("build-{build_id}");
+        descendants()
+            .into_iter()
+            .filter(|&pid| match job_of(pid) {
+                Some(job) => job == mine,
+                None => true,
+            })
+            .collect()
+    }
+
+    /// Kills a getyaml job and everything it started.
+    fn kill_job(&self, pid: i32, job: JobId) {
+        // SAFETY: killpg and kill have no memory effects; the job leads its
+        // group.
+        unsafe {
+            libc::killpg(pid, libc::SIGKILL);
+        }
+        let mark = format!("getyaml-{}", job.0);
+        for p in descendants() {
+            if job_of(p).as_deref() == Some(mark.as_str()) {
+                // SAFETY: as above.
+                unsafe {
+                    libc::kill(p, libc::SIGKILL);
                 }
             }
         }
-        out
     }
 
     /// Kills a getyaml job that overran its time.
@@ -243,21 +315,15 @@ impl Processes {
                     "killing appsdk exampleyamls in {} (pid {pid}): it overran",
                     workdir.display()
                 );
-                // SAFETY: killpg has no memory effects; the job leads its group.
-                unsafe {
-                    libc::killpg(pid, libc::SIGKILL);
-                }
+                self.kill_job(pid, job);
             }
         }
     }
 
-    /// Kills getyaml jobs (on exit: nothing latd started outlives it).
+    /// Kills getyaml jobs (on exit: none outlives latd).
     pub fn kill_jobs(&mut self) {
-        for &pid in self.yaml_jobs.keys() {
-            // SAFETY: killpg has no memory effects; each job leads its group.
-            unsafe {
-                libc::killpg(pid, libc::SIGKILL);
-            }
+        for (&pid, &(job, _)) in &self.yaml_jobs {
+            self.kill_job(pid, job);
         }
     }
 
@@ -293,8 +359,25 @@ impl Processes {
                 log::debug!("reaped pid {pid} ({})", describe_exit(exit));
             }
         }
-        let escapees = self.build.as_ref().is_some_and(|b| b.leader_exit.is_some())
-            && !self.build_processes().is_empty();
+        // Once the leader is gone, what is left of the build is looked for
+        // among our descendants too (they may have left the group); after a
+        // SIGKILL, whatever still lives (or was started since) gets another.
+        let leftovers = match &self.build {
+            Some(b) if b.leader_exit.is_some() => self.build_processes(b.build_id),
+            _ => Vec::new(),
+        };
+        if let Some(b) = self.build.as_ref().filter(|b| b.killing) {
+            if !leftovers.is_empty() || group_alive(b.pgid) {
+                // SAFETY: killpg and kill have no memory effects.
+                unsafe {
+                    libc::killpg(b.pgid, libc::SIGKILL);
+                    for &pid in &leftovers {
+                        libc::kill(pid, libc::SIGKILL);
+                    }
+                }
+            }
+        }
+        let escapees = !leftovers.is_empty();
         if let Some(b) = self.build.as_mut() {
             if let Some(exit) = b.leader_exit {
                 let alive = group_alive(b.pgid) || escapees;
@@ -332,7 +415,7 @@ impl Processes {
 /// The SDK's last log line on success.
 pub const SUCCESS_LINE: &str = "DEBUG: Deploy ovmf.qcow2";
 
-/// Does the log end with the SDK's success line? (Reads only its tail.)
+/// Has the SDK logged its success line? (Reads only the log's tail.)
 fn log_shows_success(log: &Path) -> bool {
     use std::io::{Read, Seek, SeekFrom};
     let Ok(mut f) = crate::fsutil::open_regular_read(log) else {
@@ -345,11 +428,54 @@ fn log_shows_success(log: &Path) -> bool {
     {
         return false;
     }
+    // Not necessarily the last line: the SDK logs its SIGTERM handling
+    // after it, when the stop caught it exiting.
     String::from_utf8_lossy(&tail)
         .lines()
-        .rev()
-        .find(|l| !l.trim().is_empty())
-        .is_some_and(|l| l.contains(SUCCESS_LINE))
+        .any(|l| l.trim_end() == SUCCESS_LINE)
+}
+
+/// Every descendant of this process, from /proc.
+fn descendants() -> Vec<i32> {
+    let mut out = Vec::new();
+    let mut queue = vec![std::process::id() as i32];
+    while let Some(parent) = queue.pop() {
+        for pid in children_of(parent) {
+            out.push(pid);
+            queue.push(pid);
+        }
+    }
+    out
+}
+
+/// Whether `pid` is in uninterruptible sleep: reading its environment could
+/// then block us too (it may hold its memory lock).
+fn in_kernel_wait(pid: i32) -> bool {
+    fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| {
+            s.rfind(')')
+                .map(|i| s[i + 1..].trim_start().starts_with('D'))
+        })
+        .unwrap_or(false)
+}
+
+/// The value of `name` in the environment of `pid`, if readable.
+fn env_of(pid: i32, name: &str) -> Option<String> {
+    if in_kernel_wait(pid) {
+        return None;
+    }
+    let environ = fs::read(format!("/proc/{pid}/environ")).ok()?;
+    let prefix = format!("{name}=");
+    environ
+        .split(|&b| b == 0)
+        .find_map(|v| v.strip_prefix(prefix.as_bytes()))
+        .map(|v| String::from_utf8_lossy(v).into_owned())
+}
+
+/// Which job of ours `pid` belongs to (its [`JOB_VAR`]).
+fn job_of(pid: i32) -> Option<String> {
+    env_of(pid, JOB_VAR)
 }
 
 /// The children of `pid` (all its threads'), from /proc.
@@ -403,7 +529,6 @@ pub fn process_start_ticks(pid: i32) -> Option<u64> {
 /// killed between the fork and saving the pid) or that left the build's
 /// process group. Returns how many were killed.
 pub fn kill_tagged(tag: &str) -> usize {
-    let needle = format!("{TAG_VAR}={tag}");
     let me = std::process::id();
     let mut killed = 0;
     let Ok(procs) = fs::read_dir("/proc") else {
@@ -416,10 +541,7 @@ pub fn kill_tagged(tag: &str) -> usize {
         if pid == me {
             continue;
         }
-        let Ok(environ) = fs::read(p.path().join("environ")) else {
-            continue;
-        };
-        if environ.split(|&b| b == 0).any(|v| v == needle.as_bytes()) {
+        if env_of(pid as i32, TAG_VAR).as_deref() == Some(tag) {
             log::warn!("killing pid {pid}, left by a previous latd on this channel");
             // SAFETY: kill has no memory effects.
             unsafe {
@@ -431,10 +553,11 @@ pub fn kill_tagged(tag: &str) -> usize {
     killed
 }
 
-/// Removes `CLEAN_DIRS` under `workdir` in a background thread; the
-/// outcome arrives on `done` and `wake` is poked.
+/// Removes `CLEAN_DIRS` under `workdir` (below the workspace `root`) in a
+/// background thread; the outcome arrives on `done` and `wake` is poked.
 pub fn start_clean(
     job: JobId,
+    root: PathBuf,
     workdir: PathBuf,
     done: mpsc::Sender<Event>,
     wake: impl FnOnce() + Send + 'static,
@@ -442,7 +565,7 @@ pub fn start_clean(
     std::thread::spawn(move || {
         let mut result = Ok(());
         for d in CLEAN_DIRS {
-            if let Err(e) = crate::tree::remove_tree(&workdir.join(d)) {
+            if let Err(e) = crate::tree::remove_tree_beneath(&root, &workdir.join(d)) {
                 result = Err(e);
                 break;
             }

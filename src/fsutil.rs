@@ -132,16 +132,168 @@ pub fn ensure_dir(dir: &Path) -> io::Result<()> {
         Err(e) if e.kind() == io::ErrorKind::AlreadyExists => return Ok(()),
         Err(e) => return Err(e),
     }
+    // Owner and mode are set through a descriptor of the directory just
+    // made: a symlink swapped in by path cannot redirect them.
+    let fd = open_dir_nofollow(dir)?;
     if let Some(owner) = dir.parent().and_then(Owner::of_dir_when_root) {
-        let _ = std::os::unix::fs::chown(dir, Some(owner.uid), Some(owner.gid));
+        give_away(std::os::unix::fs::fchown(
+            &fd,
+            Some(owner.uid),
+            Some(owner.gid),
+        ));
     }
-    let _ = fs::set_permissions(dir, std::os::unix::fs::PermissionsExt::from_mode(0o775));
+    fd.set_permissions(std::os::unix::fs::PermissionsExt::from_mode(0o775))?;
     Ok(())
+}
+
+/// Opens a directory, refusing a symlink in its place.
+pub fn open_dir_nofollow(dir: &Path) -> io::Result<File> {
+    OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_DIRECTORY | libc::O_NOFOLLOW)
+        .open(dir)
+}
+
+fn cstr(name: &std::ffi::OsStr) -> io::Result<CString> {
+    CString::new(name.as_bytes())
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "name has a NUL byte"))
+}
+
+fn cvt(r: libc::c_int) -> io::Result<libc::c_int> {
+    if r < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(r)
+    }
+}
+
+/// Opens `name` in the directory `dir` with `flags` (plus O_NOFOLLOW and
+/// O_CLOEXEC), relative to the descriptor: no path is resolved again.
+fn open_at(dir: &File, name: &std::ffi::OsStr, flags: libc::c_int, mode: u32) -> io::Result<File> {
+    use std::os::fd::{AsRawFd, FromRawFd};
+    let c = cstr(name)?;
+    // SAFETY: valid fd and NUL-terminated name; the new fd is owned below.
+    let fd = cvt(unsafe {
+        libc::openat(
+            dir.as_raw_fd(),
+            c.as_ptr(),
+            flags | libc::O_NOFOLLOW | libc::O_CLOEXEC,
+            mode as libc::c_uint,
+        )
+    })?;
+    // SAFETY: fd was just returned by openat and is owned by no one else.
+    Ok(unsafe { File::from_raw_fd(fd) })
+}
+
+/// Opens the directory `path`, which must lie below `base` (a trusted,
+/// canonical directory), one component at a time without following any
+/// symlink: a workdir a client swapped for a symlink after it was checked
+/// cannot take the daemon elsewhere.
+pub fn open_dir_beneath(base: &Path, path: &Path) -> io::Result<File> {
+    let rel = path.strip_prefix(base).map_err(|_| {
+        io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("{} is not under {}", path.display(), base.display()),
+        )
+    })?;
+    let mut dir = open_dir_nofollow(base)?;
+    for comp in rel.components() {
+        match comp {
+            std::path::Component::Normal(name) => {
+                dir = open_at(&dir, name, libc::O_RDONLY | libc::O_DIRECTORY, 0)?;
+            }
+            std::path::Component::CurDir => {}
+            _ => {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    format!(
+                        "{} is not a plain path under {}",
+                        path.display(),
+                        base.display()
+                    ),
+                ))
+            }
+        }
+    }
+    Ok(dir)
+}
+
+/// The subdirectory `name` of `dir`, made (mode 0775, owned like `dir`)
+/// if missing; a symlink in its place is refused.
+pub fn ensure_subdir_at(dir: &File, name: &str) -> io::Result<File> {
+    use std::os::fd::AsRawFd;
+    let c = cstr(std::ffi::OsStr::new(name))?;
+    // SAFETY: valid fd and NUL-terminated name.
+    let made = unsafe { libc::mkdirat(dir.as_raw_fd(), c.as_ptr(), 0o775) } == 0;
+    let sub = open_at(
+        dir,
+        std::ffi::OsStr::new(name),
+        libc::O_RDONLY | libc::O_DIRECTORY,
+        0,
+    )
+    .map_err(|e| {
+        if e.raw_os_error() == Some(libc::ELOOP) || e.raw_os_error() == Some(libc::ENOTDIR) {
+            io::Error::new(
+                e.kind(),
+                format!("{name} is not a directory (a symlink?); remove it"),
+            )
+        } else {
+            e
+        }
+    })?;
+    if made {
+        let md = dir.metadata()?;
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } == 0 {
+            give_away(std::os::unix::fs::fchown(
+                &sub,
+                Some(md.uid()),
+                Some(md.gid()),
+            ));
+        }
+        sub.set_permissions(std::os::unix::fs::PermissionsExt::from_mode(0o775))?;
+    }
+    Ok(sub)
+}
+
+/// Creates `name` in `dir` afresh (whatever was there is unlinked first),
+/// never through a symlink.
+pub fn create_fresh_at(dir: &File, name: &str, mode: u32) -> io::Result<File> {
+    unlink_at(dir, name)?;
+    open_at(
+        dir,
+        std::ffi::OsStr::new(name),
+        libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL,
+        mode,
+    )
+}
+
+/// Unlinks `name` in `dir`; already gone counts as done.
+pub fn unlink_at(dir: &File, name: &str) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let c = cstr(std::ffi::OsStr::new(name))?;
+    // SAFETY: valid fd and NUL-terminated name.
+    match cvt(unsafe { libc::unlinkat(dir.as_raw_fd(), c.as_ptr(), 0) }) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+        _ => Ok(()),
+    }
+}
+
+/// Renames `from` to `to`, both in `dir`.
+pub fn rename_at(dir: &File, from: &str, to: &str) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let (f, t) = (
+        cstr(std::ffi::OsStr::new(from))?,
+        cstr(std::ffi::OsStr::new(to))?,
+    );
+    // SAFETY: valid fd and NUL-terminated names.
+    cvt(unsafe { libc::renameat(dir.as_raw_fd(), f.as_ptr(), dir.as_raw_fd(), t.as_ptr()) })
+        .map(|_| ())
 }
 
 /// Creates the FIFO `path` unless a FIFO is already there; says whether
 /// it made one.
-pub fn ensure_fifo(path: &Path, owner: Option<Owner>) -> io::Result<bool> {
+pub fn ensure_fifo(path: &Path) -> io::Result<bool> {
     use std::os::unix::fs::FileTypeExt;
     match fs::symlink_metadata(path) {
         Ok(md) if md.file_type().is_fifo() => return Ok(false),
@@ -152,18 +304,34 @@ pub fn ensure_fifo(path: &Path, owner: Option<Owner>) -> io::Result<bool> {
     let c = CString::new(path.as_os_str().as_bytes())
         .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "path has a NUL byte"))?;
     // SAFETY: c is a valid NUL-terminated path.
-    if unsafe { libc::mkfifo(c.as_ptr(), 0o622) } != 0 {
+    if unsafe { libc::mkfifo(c.as_ptr(), 0o600) } != 0 {
         let e = io::Error::last_os_error();
         if e.kind() != io::ErrorKind::AlreadyExists {
             return Err(e);
         }
     }
-    // Anyone who may write requests may poke the daemon awake.
-    fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(0o622))?;
-    if let Some(o) = owner {
-        give_away(std::os::unix::fs::chown(path, Some(o.uid), Some(o.gid)));
-    }
     Ok(true)
+}
+
+/// Opens the daemon's end of the wake-up FIFO: read-write (so it never
+/// sees end-of-file), non-blocking, never through a symlink, and only if
+/// it is a FIFO. Mode and owner are set through the descriptor, so anyone
+/// who may write requests may poke the daemon, and nothing else changes.
+pub fn open_fifo(path: &Path, owner: Option<Owner>) -> io::Result<File> {
+    use std::os::unix::fs::FileTypeExt;
+    let f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOFOLLOW)
+        .open(path)?;
+    if !f.metadata()?.file_type().is_fifo() {
+        return Err(io::Error::new(io::ErrorKind::InvalidInput, "not a FIFO"));
+    }
+    f.set_permissions(std::os::unix::fs::PermissionsExt::from_mode(0o622))?;
+    if let Some(o) = owner {
+        give_away(std::os::unix::fs::fchown(&f, Some(o.uid), Some(o.gid)));
+    }
+    Ok(f)
 }
 
 static CHOWN_WARNED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
@@ -181,12 +349,15 @@ fn give_away(result: io::Result<()>) {
 /// Writes one byte to the daemon's wake-up FIFO, if someone reads it.
 /// Best effort: the directory scan is the source of truth.
 pub fn poke(fifo: &Path) {
+    use std::os::unix::fs::FileTypeExt;
     if let Ok(mut f) = OpenOptions::new()
         .write(true)
-        .custom_flags(libc::O_NONBLOCK)
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOFOLLOW)
         .open(fifo)
     {
-        let _ = f.write(b"!");
+        if f.metadata().is_ok_and(|m| m.file_type().is_fifo()) {
+            let _ = f.write(b"!");
+        }
     }
 }
 
@@ -252,6 +423,14 @@ pub fn open_regular_read(path: &Path) -> io::Result<File> {
             .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
             .open(path)?,
     )
+}
+
+/// Reads a whole regular file, refusing a FIFO (which would block) or a
+/// symlink in its place.
+pub fn read_regular(path: &Path) -> io::Result<Vec<u8>> {
+    let mut bytes = Vec::new();
+    open_regular_read(path)?.read_to_end(&mut bytes)?;
+    Ok(bytes)
 }
 
 fn regular(f: File) -> io::Result<File> {

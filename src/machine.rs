@@ -889,7 +889,7 @@ impl Machine {
                     build_id,
                     exit,
                     group_alive,
-                    ..
+                    deployed,
                 },
             ) => {
                 if let State::Building { build, starting } = &mut self.state {
@@ -922,7 +922,7 @@ impl Machine {
                             waiters: Vec::new(),
                             then_exit: false,
                             requested: false,
-                            deployed: false,
+                            deployed,
                         };
                         return;
                     }

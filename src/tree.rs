@@ -66,7 +66,15 @@ static NO_STATX: AtomicBool = AtomicBool::new(false);
 /// The parent of `root` is trusted (resolved as a normal path); `root`
 /// itself may be a symlink (then just that is removed) or a file.
 pub fn remove_tree(root: &Path) -> Result<(), String> {
-    remove_tree_with(root, Resolve::Auto)
+    remove_tree_with(root, Resolve::Auto, None)
+}
+
+/// [`remove_tree`] for a `root` below the trusted directory `base`: the
+/// parent of `root` is reached from `base` without following a symlink, so
+/// a client that swaps a directory of the path for a symlink after it was
+/// checked cannot point the removal outside `base`.
+pub fn remove_tree_beneath(base: &Path, root: &Path) -> Result<(), String> {
+    remove_tree_with(root, Resolve::Auto, Some(base))
 }
 
 /// How to open a directory one level down.
@@ -79,7 +87,7 @@ enum Resolve {
     Portable,
 }
 
-fn remove_tree_with(root: &Path, resolve: Resolve) -> Result<(), String> {
+fn remove_tree_with(root: &Path, resolve: Resolve, base: Option<&Path>) -> Result<(), String> {
     let Some(name) = root.file_name() else {
         return Err(format!(
             "cannot remove {}: it does not name a directory entry; give the path of the tree itself",
@@ -92,7 +100,11 @@ fn remove_tree_with(root: &Path, resolve: Resolve) -> Result<(), String> {
         Some(p) if !p.as_os_str().is_empty() => p,
         _ => Path::new("."),
     };
-    let base = match open_path(parent) {
+    let opened = match base {
+        Some(b) => crate::fsutil::open_dir_beneath(b, parent).map(OwnedFd::from),
+        None => open_path(parent),
+    };
+    let base = match opened {
         Ok(fd) => fd,
         Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(()),
         Err(e) => return Err(format!("cannot open directory {}: {e}", parent.display())),
@@ -836,7 +848,7 @@ mod tests {
             assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o644) }, 0);
             fs::set_permissions(tree.join("a/b"), fs::Permissions::from_mode(0o700)).unwrap();
 
-            remove_tree_with(&tree, mode).unwrap();
+            remove_tree_with(&tree, mode, None).unwrap();
             assert!(fs::symlink_metadata(&tree).is_err(), "{mode:?}: tree left");
             assert!(outside.join("keep").exists(), "{mode:?}");
             assert!(outside.join("sub/keep").exists(), "{mode:?}");
@@ -852,7 +864,7 @@ mod tests {
             fs::write(outside.join("sub/keep"), "x").unwrap();
             let link = d.path().join("deploy");
             symlink(&outside, &link).unwrap();
-            remove_tree_with(&link, mode).unwrap();
+            remove_tree_with(&link, mode, None).unwrap();
             assert!(fs::symlink_metadata(&link).is_err(), "{mode:?}");
             assert!(outside.join("sub/keep").exists(), "{mode:?}");
         }
@@ -916,7 +928,7 @@ mod tests {
             };
             // SAFETY: `tight` is a valid rlimit.
             assert_eq!(unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &tight) }, 0);
-            let result = remove_tree_with(&tree, mode);
+            let result = remove_tree_with(&tree, mode, None);
             // SAFETY: `saved` is the valid rlimit we read above.
             assert_eq!(unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &saved) }, 0);
             drop(placeholders);
@@ -995,7 +1007,7 @@ mod tests {
             fs::create_dir(mnt.join("sub")).unwrap();
             fs::write(mnt.join("sub/precious"), "x").unwrap();
 
-            let err = remove_tree_with(&tree, mode).unwrap_err();
+            let err = remove_tree_with(&tree, mode, None).unwrap_err();
             assert_eq!(err, mount_point_error(&mnt), "{mode:?}");
             assert!(
                 mnt.join("sub/precious").exists(),
@@ -1004,14 +1016,14 @@ mod tests {
 
             // Once unmounted, the next clean works.
             drop(guard);
-            remove_tree_with(&tree, mode).unwrap();
+            remove_tree_with(&tree, mode, None).unwrap();
             assert!(fs::symlink_metadata(&tree).is_err(), "{mode:?}");
 
             // A root that is itself a mount point is not emptied either.
             let root = d.path().join("log");
             let guard = Mount::new(&["-t", "tmpfs", "-o", "size=64k", "none"], &root).unwrap();
             fs::write(root.join("precious"), "x").unwrap();
-            let err = remove_tree_with(&root, mode).unwrap_err();
+            let err = remove_tree_with(&root, mode, None).unwrap_err();
             assert_eq!(err, mount_point_error(&root), "{mode:?}");
             assert!(root.join("precious").exists(), "{mode:?}");
             drop(guard);
@@ -1041,7 +1053,7 @@ mod tests {
                 skipped("a_bind_mount... (openat only): no statx mount ids");
                 continue;
             }
-            let err = remove_tree_with(&tree, mode).unwrap_err();
+            let err = remove_tree_with(&tree, mode, None).unwrap_err();
             assert_eq!(err, mount_point_error(&mnt), "{mode:?}");
             assert!(outside.join("sub/precious").exists(), "{mode:?}");
             drop(guard);
@@ -1052,11 +1064,11 @@ mod tests {
             fs::write(&file, "").unwrap();
             let source = outside.join("sub/precious");
             let guard = Mount::new(&["--bind", source.to_str().unwrap()], &file).unwrap();
-            let err = remove_tree_with(&tree, mode).unwrap_err();
+            let err = remove_tree_with(&tree, mode, None).unwrap_err();
             assert_eq!(err, mount_point_error(&file), "{mode:?}");
             assert_eq!(fs::read_to_string(&source).unwrap(), "x", "{mode:?}");
             drop(guard);
-            remove_tree_with(&tree, mode).unwrap();
+            remove_tree_with(&tree, mode, None).unwrap();
         }
     }
 
@@ -1107,7 +1119,7 @@ mod tests {
         }
         let _guard = Mutable(f.clone());
         for mode in MODES {
-            let err = remove_tree_with(&tree, mode).unwrap_err();
+            let err = remove_tree_with(&tree, mode, None).unwrap_err();
             assert_eq!(
                 err,
                 format!(
@@ -1156,7 +1168,7 @@ mod tests {
         fs::write(&f, "x").unwrap();
         fs::set_permissions(&ro, fs::Permissions::from_mode(0o555)).unwrap();
         for mode in MODES {
-            let err = remove_tree_with(&tree, mode).unwrap_err();
+            let err = remove_tree_with(&tree, mode, None).unwrap_err();
             assert_eq!(
                 err,
                 format!(
@@ -1212,7 +1224,7 @@ mod tests {
                         }
                     })
                 };
-                let result = remove_tree_with(&tree, mode);
+                let result = remove_tree_with(&tree, mode, None);
                 stop.store(true, Ordering::Relaxed);
                 attacker.join().unwrap();
                 if let Err(e) = result {
@@ -1222,7 +1234,7 @@ mod tests {
                     assert!(outside.join(format!("keep-{i}")).exists(), "{mode:?}");
                     assert!(outside.join(format!("inner/keep-{i}")).exists(), "{mode:?}");
                 }
-                remove_tree_with(&tree, mode).unwrap();
+                remove_tree_with(&tree, mode, None).unwrap();
                 assert!(fs::symlink_metadata(&tree).is_err());
             }
         }

@@ -381,7 +381,7 @@ fn print_reply_file(reply: &Reply, path: Option<&Path>, what: &str, out: &Out) -
         out.error(&format!("latd's reply names no {what} file"));
         return EXIT_FAILED;
     };
-    match std::fs::read(path) {
+    match latd::fsutil::read_regular(path) {
         Ok(bytes) => {
             let _ = std::io::stdout().write_all(&bytes);
             EXIT_OK
