@@ -713,3 +713,31 @@ fn status_is_answered_while_clean_and_getyaml_run() {
     assert!(getyaml.wait().unwrap().success());
     assert!(getyaml_still_running, "status waited for getyaml");
 }
+
+#[test]
+fn a_stop_in_the_sdks_last_moments_keeps_succeed() {
+    let env = TestEnv::new("lastmoments");
+    let _d = env.daemon();
+    // appsdk logs success, then lingers (unmounting) and is caught by the
+    // stop; it logs its SIGTERM handling after the success line.
+    let yaml = env.yaml("lat.yaml", "standin_duration: 0.3\nstandin_linger: 30");
+    assert!(env
+        .latc(&["build", "--file", yaml.to_str().unwrap()])
+        .status
+        .success());
+    let log = env.ws.join("log/log.appsdk");
+    wait_until(Duration::from_secs(20), "the success line", || {
+        fs::read_to_string(&log)
+            .unwrap_or_default()
+            .contains("DEBUG: Deploy ovmf.qcow2")
+    });
+    assert!(env.latc(&["stop"]).status.success());
+    let text = fs::read_to_string(&log).unwrap();
+    assert!(
+        text.contains("Caught SIGTERM"),
+        "the stop caught appsdk exiting: {text}"
+    );
+    let s = env.status_json();
+    assert_eq!(s["build_status"], "succeed", "{s}");
+    assert_eq!(s["build"]["exit_code"], 143);
+}
