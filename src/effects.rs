@@ -563,13 +563,19 @@ pub fn start_clean(
     wake: impl FnOnce() + Send + 'static,
 ) {
     std::thread::spawn(move || {
-        let mut result = Ok(());
-        for d in CLEAN_DIRS {
-            if let Err(e) = crate::tree::remove_tree_beneath(&root, &workdir.join(d)) {
-                result = Err(e);
-                break;
-            }
-        }
+        // Whatever happens, the outcome is reported: a clean that never
+        // reports would leave the daemon cleaning for ever.
+        let result = std::panic::catch_unwind(|| {
+            CLEAN_DIRS
+                .iter()
+                .try_for_each(|d| crate::tree::remove_tree_beneath(&root, &workdir.join(d)))
+        })
+        .unwrap_or_else(|_| {
+            Err(format!(
+                "internal error while cleaning {}",
+                workdir.display()
+            ))
+        });
         match &result {
             Ok(()) => log::info!("clean of {} done", workdir.display()),
             Err(e) => log::error!("clean of {} failed: {e}", workdir.display()),
