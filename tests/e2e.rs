@@ -37,12 +37,7 @@ fn deployed_caller_sequence_build_follow_stop_idle() {
 fn stop_kills_every_process_of_the_build_and_answers_when_gone() {
     let env = TestEnv::new("stop");
     let _d = env.daemon();
-    let yaml = env.yaml("lat.yaml", "standin_duration: 60\nstandin_children: 3");
-    assert!(env
-        .latc(&["build", "--file", yaml.to_str().unwrap()])
-        .status
-        .success());
-    env.wait_workers();
+    env.start_build("standin_duration: 60\nstandin_children: 3");
     let o = env.latc(&["stop"]);
     assert!(o.status.success(), "{}", stderr(&o));
     // The reply came after the processes were gone.
@@ -61,15 +56,7 @@ fn stop_kills_every_process_of_the_build_and_answers_when_gone() {
 fn stop_escalates_to_sigkill_after_the_grace_period() {
     let env = TestEnv::new("kill");
     let _d = env.daemon_with(&["--grace", "1"]);
-    let yaml = env.yaml(
-        "lat.yaml",
-        "standin_duration: 60\nstandin_ignore_term: true",
-    );
-    assert!(env
-        .latc(&["build", "--file", yaml.to_str().unwrap()])
-        .status
-        .success());
-    env.wait_workers();
+    env.start_build("standin_duration: 60\nstandin_ignore_term: true");
     let t = Instant::now();
     let o = env.latc(&["stop"]);
     let took = t.elapsed();
@@ -289,15 +276,7 @@ fn getyaml_logs_and_clean() {
 fn sigterm_to_latd_stops_the_build_and_exits_0() {
     let env = TestEnv::new("sigterm");
     let mut d = env.daemon_with(&["--grace", "1"]);
-    let yaml = env.yaml(
-        "lat.yaml",
-        "standin_duration: 60\nstandin_ignore_term: true",
-    );
-    assert!(env
-        .latc(&["build", "--file", yaml.to_str().unwrap()])
-        .status
-        .success());
-    env.wait_workers();
+    env.start_build("standin_duration: 60\nstandin_ignore_term: true");
     let t = Instant::now();
     d.signal(libc::SIGTERM);
     assert_eq!(d.wait_exit(Duration::from_secs(5)), Some(0));
@@ -657,12 +636,7 @@ fn stop_reaches_processes_that_left_the_group() {
 fn a_stopped_build_is_stopped_even_if_appsdk_exits_0_on_sigterm() {
     let env = TestEnv::new("term0");
     let _d = env.daemon();
-    let yaml = env.yaml("lat.yaml", "standin_duration: 60\nstandin_term_exit: 0");
-    assert!(env
-        .latc(&["build", "--file", yaml.to_str().unwrap()])
-        .status
-        .success());
-    env.wait_workers();
+    env.start_build("standin_duration: 60\nstandin_term_exit: 0");
     assert!(env.latc(&["stop"]).status.success());
     let s = env.status_json();
     assert_eq!(s["build_status"], "fail", "{s}");

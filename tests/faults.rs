@@ -695,15 +695,7 @@ fn fifty_concurrent_latc_status_while_a_build_runs_and_is_stopped() {
     let env = TestEnv::new("fifty");
     let mut d = env.daemon_with(&["--grace", "1"]);
     // It ignores SIGTERM: the stop lasts the whole grace period.
-    let yaml = env.yaml(
-        "lat.yaml",
-        "standin_duration: 60\nstandin_children: 3\nstandin_ignore_term: true",
-    );
-    assert!(env
-        .latc(&["build", "--file", yaml.to_str().unwrap()])
-        .status
-        .success());
-    env.wait_workers();
+    env.start_build("standin_duration: 60\nstandin_children: 3\nstandin_ignore_term: true");
 
     let legacy_stop = Arc::new(AtomicBool::new(false));
     let legacy = {
@@ -1099,15 +1091,7 @@ fn read_state(env: &TestEnv) -> serde_json::Value {
 fn sigkill_during_a_build_then_restart() {
     let env = TestEnv::new("sigkill");
     let mut d = env.daemon_with(&["--grace", "1"]);
-    let yaml = env.yaml(
-        "lat.yaml",
-        "standin_duration: 60\nstandin_children: 3\nstandin_ignore_term: true",
-    );
-    assert!(env
-        .latc(&["build", "--file", yaml.to_str().unwrap()])
-        .status
-        .success());
-    env.wait_workers();
+    env.start_build("standin_duration: 60\nstandin_children: 3\nstandin_ignore_term: true");
     d.kill9();
     // The build outlived latd: this is what the restart must clean up.
     let orphans = env.leftover_processes();
@@ -1354,12 +1338,7 @@ fn stored_build_history_is_capped() {
 fn channel_deleted_while_running_is_recreated() {
     let env = TestEnv::new("chdel");
     let mut d = env.daemon_with(&["--grace", "1"]);
-    let yaml = env.yaml("lat.yaml", "standin_duration: 60");
-    assert!(env
-        .latc(&["build", "--file", yaml.to_str().unwrap()])
-        .status
-        .success());
-    env.wait_workers();
+    env.start_build("standin_duration: 60");
     // latd may write into it meanwhile: delete until it is gone once.
     wait_until(Duration::from_secs(10), "the channel to be deleted", || {
         let _ = fs::remove_dir_all(&env.channel);
@@ -1468,15 +1447,7 @@ fn full_disk_reply_is_retried_when_space_returns() {
     let env = TestEnv::new("diskfull");
     let _mnt = MountGuard::tmpfs(&env.channel, "size=1m,mode=755");
     let mut d = env.daemon_with(&["--grace", "1"]);
-    let yaml = env.yaml(
-        "lat.yaml",
-        "standin_duration: 60\nstandin_ignore_term: true",
-    );
-    assert!(env
-        .latc(&["build", "--file", yaml.to_str().unwrap()])
-        .status
-        .success());
-    env.wait_workers();
+    env.start_build("standin_duration: 60\nstandin_ignore_term: true");
     let stop = env
         .latc_cmd()
         .args(["stop", "--timeout", "30"])

@@ -169,6 +169,16 @@ impl TestEnv {
         assert!(gone, "processes survived: {last:?}");
     }
 
+    /// Writes `lat.yaml` with the `standin_*` settings, starts a build of it
+    /// with latc, and waits until its workers run. Returns the YAML's path.
+    pub fn start_build(&self, standin: &str) -> PathBuf {
+        let yaml = self.yaml("lat.yaml", standin);
+        let o = self.latc(&["build", "--file", yaml.to_str().unwrap()]);
+        assert!(o.status.success(), "latc build: {}", stderr(&o));
+        self.wait_workers();
+        yaml
+    }
+
     /// Waits until the stand-in build has started its workers (and set up
     /// its signal handling).
     pub fn wait_workers(&self) {
