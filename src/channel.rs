@@ -63,6 +63,13 @@ struct PendingReply {
 /// Inode, size and mtime: enough to notice a file that was replaced.
 type FileIdentity = (u64, u64, i64, i64);
 
+/// Device, inode and mount id of an open directory.
+fn dir_identity(f: &fs::File) -> io::Result<(u64, u64, Option<u64>)> {
+    use std::os::fd::AsRawFd;
+    let md = f.metadata()?;
+    Ok((md.dev(), md.ino(), crate::tree::mount_id(f.as_raw_fd())))
+}
+
 /// Identity of a file, to notice one that was replaced.
 fn identity(md: &fs::Metadata) -> FileIdentity {
     (md.ino(), md.size(), md.mtime(), md.mtime_nsec())
@@ -88,13 +95,23 @@ pub struct Channel {
     /// Files replaced this tick, held open until the replies are out.
     retired: Vec<fs::File>,
     fifo_warned: bool,
+    /// The channel directory, held open: every file operation goes through
+    /// it (`via`), so a client that swaps the channel's path for a symlink
+    /// cannot make root write or unlink elsewhere.
+    held: Option<fs::File>,
+    /// `/proc/self/fd/<held>`, or the path itself where /proc is missing.
+    via: PathBuf,
+    /// The configured path was a symlink when latd started: the operator's
+    /// choice, followed.
+    symlink_at_start: bool,
+    symlink_warned: bool,
 }
 
 impl Channel {
     pub fn new(dir: PathBuf) -> Channel {
         Channel {
             owner: Owner::of_dir_when_root(&dir),
-            dir,
+            dir: dir.clone(),
             handled: HashSet::new(),
             pending: Vec::new(),
             legacy_answered: None,
@@ -104,40 +121,103 @@ impl Channel {
             set_up: false,
             retired: Vec::new(),
             fifo_warned: false,
+            held: None,
+            via: dir.clone(),
+            symlink_at_start: false,
+            symlink_warned: false,
         }
     }
 
     /// Opens the daemon's end of the wake-up FIFO.
     pub fn open_fifo(&self) -> io::Result<fs::File> {
-        fsutil::open_fifo(&self.path(protocol::WAKE_FIFO), self.owner)
+        fsutil::open_fifo(&self.at(protocol::WAKE_FIFO), self.owner)
     }
 
     pub fn dir(&self) -> &Path {
         &self.dir
     }
 
+    /// `name` in the channel as clients see it (for messages and replies).
     pub fn path(&self, name: &str) -> PathBuf {
         self.dir.join(name)
+    }
+
+    /// The directory to do file operations in: the held channel directory.
+    pub fn io_dir(&self) -> &Path {
+        &self.via
+    }
+
+    /// `name` in the held channel directory, for file operations.
+    pub fn at(&self, name: &str) -> PathBuf {
+        self.via.join(name)
+    }
+
+    /// Holds the channel directory open, again if its path now names
+    /// another real directory (recreated, or a mount put over it). A
+    /// symlink put in its place is not followed: latd keeps serving the
+    /// directory it had, and says so.
+    fn hold(&mut self) -> io::Result<()> {
+        use std::os::fd::AsRawFd;
+        let md = fs::symlink_metadata(&self.dir)?;
+        if md.file_type().is_symlink()
+            && (self.held.is_some() || self.set_up)
+            && !self.symlink_at_start
+        {
+            if !self.symlink_warned {
+                self.symlink_warned = true;
+                log::error!(
+                    "{} was replaced by a symlink; still serving the directory it was",
+                    self.dir.display()
+                );
+            }
+            return Ok(());
+        }
+        self.symlink_warned = false;
+        // Device, inode and mount: a mount put over the path (even a bind
+        // mount of the same directory, read-only) is another directory.
+        let same = match &self.held {
+            Some(f) => dir_identity(f)? == dir_identity(&fs::File::open(&self.dir)?)?,
+            None => false,
+        };
+        if same {
+            return Ok(());
+        }
+        let f = if md.file_type().is_symlink() {
+            // Only at start: the operator configured a symlinked channel.
+            self.symlink_at_start = true;
+            fs::File::open(&self.dir)?
+        } else {
+            fsutil::open_dir_nofollow(&self.dir)?
+        };
+        let proc_path = PathBuf::from(format!("/proc/self/fd/{}", f.as_raw_fd()));
+        self.via = if proc_path.is_dir() {
+            proc_path
+        } else {
+            self.dir.clone()
+        };
+        self.held = Some(f);
+        self.owner = Owner::of_dir_when_root(&self.dir);
+        self.history_size = None;
+        Ok(())
     }
 
     /// Creates the channel (and the wake-up FIFO) if missing. Cheap when
     /// all is well; called every tick so a deleted channel comes back.
     /// Returns whether the FIFO was (re)made, so the daemon reopens it.
     pub fn ensure(&mut self) -> io::Result<bool> {
-        if !self.dir.is_dir() {
+        if fs::symlink_metadata(&self.dir).is_err() {
             if !self.set_up {
                 log::info!("creating channel {}", self.dir.display());
             } else if !self.broken {
                 log::warn!("channel {} is missing; recreating it", self.dir.display());
             }
             fsutil::ensure_dir(&self.dir)?;
-            self.owner = Owner::of_dir_when_root(&self.dir);
-            self.history_size = None;
         }
+        self.hold()?;
         self.set_up = true;
         // The FIFO is only a wake-up hint: without it (a filesystem with
         // no FIFOs) latd still serves every request by polling.
-        match fsutil::ensure_fifo(&self.path(protocol::WAKE_FIFO)) {
+        match fsutil::ensure_fifo(&self.at(protocol::WAKE_FIFO)) {
             Ok(made) => Ok(made),
             Err(e) => {
                 if !self.fifo_warned {
@@ -157,7 +237,7 @@ impl Channel {
     /// be answered.
     pub fn clear_stale(&mut self) {
         for name in [protocol::LEGACY_REPLY_DONE, protocol::LEGACY_REPLY] {
-            if let Err(e) = fsutil::remove_if_present(&self.path(name)) {
+            if let Err(e) = fsutil::remove_if_present(&self.at(name)) {
                 log::warn!("cannot remove stale {name}: {e}");
             }
         }
@@ -168,7 +248,7 @@ impl Channel {
     /// nobody collected. `at_start`: the previous daemon is gone, so its
     /// temporaries go at once; a client's only once old (it may be writing).
     pub fn sweep(&mut self, at_start: bool) {
-        let Ok(entries) = fs::read_dir(&self.dir) else {
+        let Ok(entries) = fs::read_dir(&self.via) else {
             return;
         };
         let now = SystemTime::now();
@@ -205,7 +285,7 @@ impl Channel {
         if self.handled.is_empty() {
             return;
         }
-        let dir = self.dir.clone();
+        let dir = self.via.clone();
         self.handled.retain(|key| {
             let path = dir.join(&key.0);
             match fs::symlink_metadata(&path) {
@@ -230,7 +310,7 @@ impl Channel {
         self.remove_handled();
         let mut legacy: Option<u64> = None;
         let mut named = Vec::new();
-        let entries = match fs::read_dir(&self.dir) {
+        let entries = match fs::read_dir(&self.via) {
             Ok(e) => {
                 if self.broken {
                     log::info!("channel {} is readable again", self.dir.display());
@@ -277,8 +357,8 @@ impl Channel {
     /// marker is never looked up by name first, because a cache of "no
     /// such file" (NFS, FUSE) may deny what the listing shows.
     fn read_legacy(&mut self, done_ino: u64) -> Option<Incoming> {
-        let done = self.path(protocol::LEGACY_REQUEST_DONE);
-        let msg = self.path(protocol::LEGACY_REQUEST);
+        let done = self.at(protocol::LEGACY_REQUEST_DONE);
+        let msg = self.at(protocol::LEGACY_REQUEST);
         let msg_id = fs::symlink_metadata(&msg).map(|m| identity(&m)).ok();
         let key = (done_ino, msg_id);
         if self.legacy_answered == Some(key) {
@@ -321,7 +401,7 @@ impl Channel {
             protocol::REQUEST_PREFIX,
             protocol::MESSAGE_SUFFIX
         );
-        let path = self.path(&name);
+        let path = self.at(&name);
         let md = fs::symlink_metadata(&path).ok()?;
         let key = (name.clone(), md.ino(), md.mtime(), md.mtime_nsec());
         if self.handled.contains(&key) {
@@ -373,7 +453,7 @@ impl Channel {
         match slot {
             Slot::Legacy => {
                 let old = fsutil::replace_atomic(
-                    &self.dir,
+                    &self.via,
                     protocol::LEGACY_REPLY,
                     text.as_bytes(),
                     0o644,
@@ -381,7 +461,7 @@ impl Channel {
                 )?;
                 self.retired.extend(old);
                 fsutil::write_atomic(
-                    &self.dir,
+                    &self.via,
                     protocol::LEGACY_REPLY_DONE,
                     b"",
                     0o644,
@@ -391,7 +471,7 @@ impl Channel {
             }
             Slot::Named(id) => {
                 let name = format!("{}{id}{}", protocol::REPLY_PREFIX, protocol::MESSAGE_SUFFIX);
-                fsutil::write_atomic(&self.dir, &name, text.as_bytes(), 0o644, self.owner, false)
+                fsutil::write_atomic(&self.via, &name, text.as_bytes(), 0o644, self.owner, false)
             }
         }
     }
@@ -430,10 +510,10 @@ impl Channel {
 
     /// Creates or removes the `invalid_message` marker.
     pub fn mark_invalid(&self, invalid: bool) {
-        let path = self.path(protocol::INVALID_MARKER);
+        let path = self.at(protocol::INVALID_MARKER);
         let r = if invalid {
             fsutil::write_atomic(
-                &self.dir,
+                &self.via,
                 protocol::INVALID_MARKER,
                 b"",
                 0o644,
@@ -464,7 +544,7 @@ impl Channel {
 
     fn write_status_text(&mut self, text: &str) -> io::Result<()> {
         let old = fsutil::replace_atomic(
-            &self.dir,
+            &self.via,
             protocol::STATUS_FILE,
             text.as_bytes(),
             0o644,
@@ -482,7 +562,7 @@ impl Channel {
     /// Appends one line per request to the history, rotating it past
     /// [`HISTORY_CAP`] so it never grows without bound.
     pub fn record_history(&mut self, now_iso: &str, slot: &Slot, text: &str) {
-        let path = self.path(protocol::HISTORY_FILE);
+        let path = self.at(protocol::HISTORY_FILE);
         let mut shown: String = text.chars().take(4096).collect();
         if shown.len() < text.len() {
             shown.push_str("...");
@@ -492,7 +572,7 @@ impl Channel {
             .history_size
             .get_or_insert_with(|| fs::metadata(&path).map(|m| m.len()).unwrap_or(0));
         if size + line.len() as u64 > HISTORY_CAP {
-            let _ = fs::rename(&path, self.path(&format!("{}.1", protocol::HISTORY_FILE)));
+            let _ = fs::rename(&path, self.at(&format!("{}.1", protocol::HISTORY_FILE)));
             self.history_size = Some(0);
         }
         let append =

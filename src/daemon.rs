@@ -14,7 +14,7 @@ use std::fs;
 use std::io::{self, Read};
 use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
@@ -149,16 +149,16 @@ impl Wakeup {
 }
 
 /// Refuses to start when another daemon serves the channel.
-fn lock_channel(channel: &Path) -> Result<fs::File, String> {
-    let path = channel.join(protocol::LOCK_FILE);
-    let f = crate::fsutil::open_append(&path, 0o644)
-        .map_err(|e| format!("cannot open {}: {e}", path.display()))?;
+fn lock_channel(channel: &Channel) -> Result<fs::File, String> {
+    let shown = channel.path(protocol::LOCK_FILE);
+    let f = crate::fsutil::open_append(&channel.at(protocol::LOCK_FILE), 0o644)
+        .map_err(|e| format!("cannot open {}: {e}", shown.display()))?;
     // SAFETY: flock on a valid fd.
     if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
         return Err(format!(
             "another latd already serves the channel {} (it holds {})",
-            channel.display(),
-            path.display()
+            channel.dir().display(),
+            shown.display()
         ));
     }
     Ok(f)
@@ -209,7 +209,7 @@ pub fn run(settings: Settings) -> Result<(), String> {
     channel
         .ensure()
         .map_err(|e| format!("cannot set up channel {}: {e}", settings.channel.display()))?;
-    let _lock = lock_channel(&settings.channel)?;
+    let _lock = lock_channel(&channel)?;
     Processes::become_subreaper();
     let mut wakeup = Wakeup::new().map_err(|e| format!("cannot set up signal handling: {e}"))?;
     wakeup.open_fifo(&channel);
@@ -228,7 +228,7 @@ pub fn run(settings: Settings) -> Result<(), String> {
 
     let clock = Clock::new();
     let now = clock.now();
-    let state_path = channel.path(protocol::STATE_FILE);
+    let state_path = channel.at(protocol::STATE_FILE);
     let persisted = effects::load_state(&state_path);
     // The mark is the channel's canonical path, so that every spelling of
     // it (a trailing slash, a symlink) finds the same processes.
@@ -334,7 +334,7 @@ pub fn run(settings: Settings) -> Result<(), String> {
         wakeup.wait(timeout);
     }
     d.procs.kill_jobs();
-    let _ = fs::remove_file(d.channel.path(protocol::ALIVE_FILE));
+    let _ = fs::remove_file(d.channel.at(protocol::ALIVE_FILE));
     log::info!("latd exiting");
     Ok(())
 }
@@ -495,7 +495,7 @@ impl Daemon {
             return;
         };
         match crate::fsutil::write_atomic(
-            self.channel.dir(),
+            self.channel.io_dir(),
             protocol::STATE_FILE,
             text,
             0o644,
@@ -541,7 +541,7 @@ impl Daemon {
     /// Advertises that the daemon is alive: the file's content says who,
     /// its mtime says when it last looked.
     fn heartbeat(&mut self) {
-        let path = self.channel.path(protocol::ALIVE_FILE);
+        let path = self.channel.at(protocol::ALIVE_FILE);
         // The first beat writes who we are (the file may be a dead
         // daemon's); later ones only refresh the mtime.
         let touched = self.last_heartbeat.is_some()
@@ -558,7 +558,7 @@ impl Daemon {
                 self.settings.workspace.display()
             );
             if let Err(e) = crate::fsutil::write_atomic(
-                self.channel.dir(),
+                self.channel.io_dir(),
                 protocol::ALIVE_FILE,
                 text.as_bytes(),
                 0o644,

@@ -282,9 +282,16 @@ impl Processes {
         let mine = format!("build-{build_id}");
         descendants()
             .into_iter()
-            .filter(|&pid| match job_of(pid) {
-                Some(job) => job == mine,
-                None => true,
+            .filter(|&pid| {
+                // SAFETY: getpgid has no memory effects.
+                let group = unsafe { libc::getpgid(pid) };
+                // A getyaml's group is never the build's, whatever its
+                // environment says (or cannot say, while it waits on disk).
+                !self.yaml_jobs.contains_key(&group)
+                    && match job_of(pid) {
+                        Some(job) => job == mine,
+                        None => true,
+                    }
             })
             .collect()
     }

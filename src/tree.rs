@@ -558,11 +558,12 @@ fn identify(fd: &OwnedFd) -> io::Result<Id> {
     Ok(Id {
         dev: st.st_dev,
         ino: st.st_ino,
-        mnt: mount_id(fd),
+        mnt: mount_id(fd.as_raw_fd()),
     })
 }
 
-fn mount_id(fd: &OwnedFd) -> Option<u64> {
+/// The mount id of what `fd` refers to (statx, Linux 5.8+), if known.
+pub(crate) fn mount_id(fd: RawFd) -> Option<u64> {
     if NO_STATX.load(Ordering::Relaxed) {
         return None;
     }
@@ -572,7 +573,7 @@ fn mount_id(fd: &OwnedFd) -> Option<u64> {
     // memory of the right type.
     let ret = unsafe {
         libc::statx(
-            fd.as_raw_fd(),
+            fd,
             c"".as_ptr(),
             libc::AT_EMPTY_PATH | libc::AT_SYMLINK_NOFOLLOW,
             libc::STATX_MNT_ID,
@@ -1049,7 +1050,8 @@ mod tests {
                 skipped("a_bind_mount...: this kernel refused a bind mount");
                 return;
             };
-            if mode == Resolve::Portable && mount_id(&open_path(&mnt).unwrap()).is_none() {
+            if mode == Resolve::Portable && mount_id(open_path(&mnt).unwrap().as_raw_fd()).is_none()
+            {
                 skipped("a_bind_mount... (openat only): no statx mount ids");
                 continue;
             }
