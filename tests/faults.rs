@@ -1688,3 +1688,42 @@ fn fifos_in_place_of_latds_files_do_not_hang_it() {
             .is_file()
     );
 }
+
+/// The channel's path swapped for a symlink to another directory while
+/// latd runs: latd does not follow it (no file of its appears there) and
+/// keeps serving the directory it had.
+#[test]
+fn a_channel_swapped_for_a_symlink_is_not_followed() {
+    let env = TestEnv::new("chanlink");
+    let _d = env.daemon();
+    let elsewhere = env.root.join("elsewhere");
+    fs::create_dir_all(&elsewhere).unwrap();
+    let moved = env.root.join("channel-moved");
+    fs::rename(&env.channel, &moved).unwrap();
+    std::os::unix::fs::symlink(&elsewhere, &env.channel).unwrap();
+    wait_until(Duration::from_secs(10), "latd to notice", || {
+        env.daemon_log().contains("was replaced by a symlink")
+    });
+    // The heartbeat goes on in the directory latd holds, not elsewhere.
+    let alive = moved.join("latd.alive");
+    let before = fs::metadata(&alive).unwrap().modified().unwrap();
+    wait_until(Duration::from_secs(10), "a heartbeat", || {
+        fs::metadata(&alive).unwrap().modified().unwrap() > before
+    });
+    let names: Vec<_> = fs::read_dir(&elsewhere)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name())
+        .collect();
+    assert!(
+        names.is_empty(),
+        "latd wrote through the symlink: {names:?}"
+    );
+    // A client of the directory latd holds is still answered.
+    let o = env
+        .latc_cmd()
+        .args(["status", "--channel", moved.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+}
