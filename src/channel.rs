@@ -44,6 +44,8 @@ pub struct Incoming {
     pub parsed: Result<RawRequest, Invalid>,
 }
 
+/// How often [`Channel::ensure`] looks at the channel's path.
+const ENSURE_EVERY: Duration = Duration::from_secs(1);
 /// Replies older than this that nobody collected are removed.
 const STALE_AFTER: Duration = Duration::from_secs(600);
 /// A temporary file this old was left by a writer that died.
@@ -105,6 +107,7 @@ pub struct Channel {
     /// choice, followed.
     symlink_at_start: bool,
     symlink_warned: bool,
+    last_ensured: Option<Instant>,
 }
 
 impl Channel {
@@ -125,6 +128,7 @@ impl Channel {
             via: dir.clone(),
             symlink_at_start: false,
             symlink_warned: false,
+            last_ensured: None,
         }
     }
 
@@ -189,6 +193,12 @@ impl Channel {
         } else {
             fsutil::open_dir_nofollow(&self.dir)?
         };
+        if self.held.is_some() {
+            log::info!(
+                "{} is another directory now (recreated, or mounted over); serving it",
+                self.dir.display()
+            );
+        }
         let proc_path = PathBuf::from(format!("/proc/self/fd/{}", f.as_raw_fd()));
         self.via = if proc_path.is_dir() {
             proc_path
@@ -201,10 +211,21 @@ impl Channel {
         Ok(())
     }
 
-    /// Creates the channel (and the wake-up FIFO) if missing. Cheap when
-    /// all is well; called every tick so a deleted channel comes back.
-    /// Returns whether the FIFO was (re)made, so the daemon reopens it.
+    /// Creates the channel (and the wake-up FIFO) if missing, and takes up
+    /// a directory that replaced it. Called every tick; it looks at most
+    /// once a second (or at once while the channel is broken), so the idle
+    /// loop stays cheap. Returns whether the FIFO was (re)made, so the
+    /// daemon reopens it.
     pub fn ensure(&mut self) -> io::Result<bool> {
+        let due = self.held.is_none()
+            || self.broken
+            || self
+                .last_ensured
+                .is_none_or(|t| t.elapsed() >= ENSURE_EVERY);
+        if !due {
+            return Ok(false);
+        }
+        self.last_ensured = Some(Instant::now());
         if fs::symlink_metadata(&self.dir).is_err() {
             if !self.set_up {
                 log::info!("creating channel {}", self.dir.display());

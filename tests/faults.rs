@@ -1382,6 +1382,10 @@ fn read_only_channel_replies_are_retried_when_writable_again() {
         fs::write(env.channel.join("probe"), "x").is_err(),
         "not read-only"
     );
+    // latd holds the channel open; it takes up what is mounted over it.
+    wait_until(Duration::from_secs(5), "latd to take up the mount", || {
+        env.daemon_log().contains("is another directory now")
+    });
 
     let latc = env
         .latc_cmd()
