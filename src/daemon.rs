@@ -39,6 +39,8 @@ pub struct Settings {
 pub const HEARTBEAT_EVERY: Duration = Duration::from_secs(2);
 /// After a request, poll fast for this long (the next one often follows).
 const BUSY_AFTER_ACTIVITY: Duration = Duration::from_secs(2);
+/// How often children are reaped when nothing says there is any to reap.
+const REAP_EVERY: Duration = Duration::from_secs(1);
 /// On exit, how long replies and state that could not be written are retried.
 const EXIT_REPLY_RETRY: Duration = Duration::from_secs(1);
 /// How often stale files are swept from the channel.
@@ -101,7 +103,8 @@ impl Wakeup {
     }
 
     /// Sleeps until a wake-up or `timeout`, then drains what woke us.
-    fn wait(&mut self, timeout: Duration) {
+    /// Returns whether a signal (or a background job) woke us.
+    fn wait(&mut self, timeout: Duration) -> bool {
         let mut fds = vec![libc::pollfd {
             fd: self.signal_rx.as_raw_fd(),
             events: libc::POLLIN,
@@ -119,21 +122,19 @@ impl Wakeup {
         unsafe {
             libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, ms);
         }
-        // Drain what woke us, boundedly: a client that writes without end
-        // must not keep the loop here.
-        let mut buf = [0u8; 4096];
-        for _ in 0..16 {
-            if !matches!((&self.signal_rx).read(&mut buf), Ok(n) if n > 0) {
-                break;
+        // Drain what woke us (only that: a quiet tick costs no read), and
+        // boundedly: a client that writes without end must not keep the
+        // loop here.
+        let signalled = fds[0].revents != 0;
+        if signalled {
+            drain(&mut &self.signal_rx);
+        }
+        if let (Some(f), Some(p)) = (self.fifo.as_ref(), fds.get(1)) {
+            if p.revents != 0 {
+                drain(&mut &*f);
             }
         }
-        if let Some(mut f) = self.fifo.as_ref() {
-            for _ in 0..16 {
-                if !matches!(f.read(&mut buf), Ok(n) if n > 0) {
-                    break;
-                }
-            }
-        }
+        signalled
     }
 
     /// A handle background threads use to wake the loop.
@@ -145,6 +146,16 @@ impl Wakeup {
                 let _ = (&*tx).write(b"w");
             }
         })
+    }
+}
+
+/// Reads what is waiting in `r`, at most 64 KiB.
+fn drain(r: &mut impl Read) {
+    let mut buf = [0u8; 4096];
+    for _ in 0..16 {
+        if !matches!(r.read(&mut buf), Ok(n) if n > 0) {
+            break;
+        }
     }
 }
 
@@ -181,6 +192,9 @@ struct Daemon {
     /// Wakes the loop from a background thread.
     waker: Arc<dyn Fn() + Send + Sync>,
     last_activity: Instant,
+    /// The last wait ended on a signal (or a background job's wake-up).
+    signalled: bool,
+    last_reap: Instant,
     /// The latest persisted state, until it is written.
     unsaved_state: Option<Vec<u8>>,
     state_save_failed: bool,
@@ -298,6 +312,8 @@ pub fn run(settings: Settings) -> Result<(), String> {
         jobs_rx,
         waker: wakeup.waker(),
         last_activity: Instant::now(),
+        signalled: true,
+        last_reap: Instant::now(),
         unsaved_state: None,
         state_save_failed: false,
         last_heartbeat: None,
@@ -331,7 +347,7 @@ pub fn run(settings: Settings) -> Result<(), String> {
             }
         }
         let timeout = d.next_timeout();
-        wakeup.wait(timeout);
+        d.signalled = wakeup.wait(timeout);
     }
     d.procs.kill_jobs();
     let _ = fs::remove_file(d.channel.at(protocol::ALIVE_FILE));
@@ -350,8 +366,13 @@ impl Daemon {
             log::info!("asked to exit: stopping what runs, then exiting");
             self.feed(Event::Shutdown);
         }
-        for e in self.procs.reap() {
-            self.feed(e);
+        // Children are reaped when SIGCHLD says so, every tick while a
+        // build is tracked (its group is watched), and once a second anyway.
+        if self.signalled || self.procs.build_running() || self.last_reap.elapsed() >= REAP_EVERY {
+            self.last_reap = Instant::now();
+            for e in self.procs.reap() {
+                self.feed(e);
+            }
         }
         while let Ok(e) = self.jobs_rx.try_recv() {
             self.feed(e);
