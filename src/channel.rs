@@ -108,6 +108,36 @@ pub struct Channel {
     symlink_at_start: bool,
     symlink_warned: bool,
     last_ensured: Option<Instant>,
+    /// The channel is on a local filesystem, whose directory mtime can be
+    /// trusted to tell that nothing changed (see [`Channel::unchanged`]).
+    local: bool,
+    /// The directory's stamp before the last listing, when it was taken,
+    /// and whether that mtime was settled (old enough to be exact).
+    last_listing: Option<(DirStamp, Instant, bool)>,
+}
+
+/// What a directory's change shows in its metadata.
+type DirStamp = (u64, u64, i64, i64, i64, i64);
+
+/// Filesystems whose directory mtime is exact and immediate for every
+/// writer (not NFS, CIFS or FUSE, which cache attributes).
+fn is_local_fs(f: &fs::File) -> bool {
+    use std::os::fd::AsRawFd;
+    let mut st = std::mem::MaybeUninit::<libc::statfs>::zeroed();
+    // SAFETY: valid fd and a pointer to writable memory of the right type.
+    if unsafe { libc::fstatfs(f.as_raw_fd(), st.as_mut_ptr()) } != 0 {
+        return false;
+    }
+    // SAFETY: fstatfs succeeded and filled it.
+    let kind = unsafe { st.assume_init() }.f_type as u64;
+    const LOCAL: [u64; 5] = [
+        0xEF53,      // ext2/3/4
+        0x5846_5342, // xfs
+        0x9123_683E, // btrfs
+        0x0102_1994, // tmpfs
+        0x794C_7630, // overlayfs
+    ];
+    LOCAL.contains(&kind)
 }
 
 impl Channel {
@@ -129,6 +159,8 @@ impl Channel {
             symlink_at_start: false,
             symlink_warned: false,
             last_ensured: None,
+            local: false,
+            last_listing: None,
         }
     }
 
@@ -205,6 +237,8 @@ impl Channel {
         } else {
             self.dir.clone()
         };
+        self.local = is_local_fs(&f);
+        self.last_listing = None;
         self.held = Some(f);
         self.owner = Owner::of_dir_when_root(&self.dir);
         self.history_size = None;
@@ -326,9 +360,47 @@ impl Channel {
         });
     }
 
+    /// On a local filesystem, whether the directory is as it was at the
+    /// last listing, so this poll can skip listing it (the idle loop's
+    /// main cost). Only a settled mtime is trusted (timestamps are coarse:
+    /// two changes within a few ms can share one), and a listing is made
+    /// at least once a second anyway. Elsewhere (NFS: cached attributes)
+    /// every poll lists the directory.
+    fn unchanged(&mut self) -> bool {
+        if !self.local {
+            return false;
+        }
+        let Ok(md) = fs::metadata(&self.via) else {
+            return false;
+        };
+        let stamp = (
+            md.dev(),
+            md.ino(),
+            md.mtime(),
+            md.mtime_nsec(),
+            md.ctime(),
+            md.ctime_nsec(),
+        );
+        let same = self.last_listing.as_ref().is_some_and(|(s, at, settled)| {
+            *s == stamp && *settled && at.elapsed() < Duration::from_secs(1)
+        });
+        if !same {
+            let settled = md
+                .modified()
+                .ok()
+                .and_then(|m| SystemTime::now().duration_since(m).ok())
+                .is_some_and(|age| age >= Duration::from_millis(50));
+            self.last_listing = Some((stamp, Instant::now(), settled));
+        }
+        same
+    }
+
     /// Lists the channel and reads every complete request in it.
     pub fn scan(&mut self) -> io::Result<Vec<Incoming>> {
         self.remove_handled();
+        if self.unchanged() {
+            return Ok(Vec::new());
+        }
         let mut legacy: Option<u64> = None;
         let mut named = Vec::new();
         let entries = match fs::read_dir(&self.via) {
