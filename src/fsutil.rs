@@ -385,35 +385,6 @@ pub fn open_existing_for_write(path: &Path) -> io::Result<File> {
     )
 }
 
-/// Creates `path` afresh (whatever was there is removed first, a
-/// directory excepted), without following a symlink.
-pub fn create_fresh(path: &Path, mode: u32) -> io::Result<File> {
-    remove_if_present(path)?;
-    OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(mode)
-        .custom_flags(libc::O_NOFOLLOW)
-        .open(path)
-}
-
-/// Creates the directory `dir` if missing; refuses a symlink in its place
-/// (the daemon runs as root: it must not be steered elsewhere).
-pub fn ensure_real_dir(dir: &Path) -> io::Result<()> {
-    match fs::symlink_metadata(dir) {
-        Ok(md) if md.is_dir() => Ok(()),
-        Ok(_) => Err(io::Error::new(
-            io::ErrorKind::AlreadyExists,
-            format!(
-                "{} is not a directory (a symlink?); remove it",
-                dir.display()
-            ),
-        )),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => ensure_dir(dir),
-        Err(e) => Err(e),
-    }
-}
-
 /// Opens a regular file for reading, without following a symlink or
 /// blocking on a FIFO.
 pub fn open_regular_read(path: &Path) -> io::Result<File> {
