@@ -9,7 +9,8 @@
 //! - [`tree`]: removes a tree without following symlinks or crossing mounts;
 //! - [`channel`]: reads requests from the channel dir and writes replies;
 //! - [`daemon`]: the poll loop that ties them together (`latd`);
-//! - [`client`]: the client side (`latc`).
+//! - [`client`]: the client side (`latc`);
+//! - [`yaml_limits`]: what YAML from clients may cost, checked before parsing.
 
 pub mod channel;
 pub mod cli;
@@ -23,3 +24,4 @@ pub mod machine;
 pub mod protocol;
 pub mod tree;
 pub mod validate;
+pub mod yaml_limits;

@@ -154,6 +154,14 @@ pub fn parse_request(bytes: &[u8]) -> Result<RawRequest, Invalid> {
             ),
         ));
     }
+    if let Err(e) = crate::yaml_limits::check(bytes, &crate::yaml_limits::REQUEST) {
+        return Err(Invalid::new(
+            None,
+            format!(
+                "request refused: {e}; a request is a small YAML mapping like 'action: status'"
+            ),
+        ));
+    }
     let value: serde_yaml::Value = serde_yaml::from_str(text).map_err(|e| {
         Invalid::new(
             None,
@@ -285,6 +293,8 @@ impl Reply {
     }
 
     pub fn parse(bytes: &[u8]) -> Result<Reply, String> {
+        crate::yaml_limits::check(bytes, &crate::yaml_limits::REQUEST)
+            .map_err(|e| format!("unreadable reply: {e}"))?;
         serde_yaml::from_slice(bytes).map_err(|e| format!("unreadable reply: {e}"))
     }
 }

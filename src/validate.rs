@@ -142,6 +142,12 @@ fn build_kind(yaml: &Path) -> Result<BuildKind, String> {
             crate::protocol::MAX_NESTING
         ));
     }
+    if let Err(e) = crate::yaml_limits::check(&bytes, &crate::yaml_limits::IMAGE) {
+        return Err(format!(
+            "yaml_file {} is refused: {e}; an image YAML is a plain mapping ('latc getyaml' writes an example)",
+            yaml.display()
+        ));
+    }
     let doc: serde_yaml::Value = serde_yaml::from_slice(&bytes).map_err(|e| {
         format!(
             "yaml_file {} is not valid YAML: {e}; fix it ('latc getyaml' writes an example)",
