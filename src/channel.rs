@@ -5,8 +5,9 @@
 
 use crate::fsutil::{self, Owner};
 use crate::protocol::{self, Invalid, RawRequest, Reply, StatusDoc};
-use std::collections::HashSet;
+use std::collections::{BinaryHeap, HashSet, VecDeque};
 use std::fs;
+use std::hash::{Hash, Hasher};
 use std::io::{self, Write};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
@@ -39,10 +40,56 @@ impl std::fmt::Display for Slot {
 #[derive(Debug)]
 pub struct Incoming {
     pub slot: Slot,
-    /// The bytes as read (for the history file).
+    /// The start of the bytes as read, for the history file (at most
+    /// [`HISTORY_EXCERPT`] characters: a request's bytes are never kept).
     pub text: String,
     pub parsed: Result<RawRequest, Invalid>,
 }
+
+/// A request the listing found, to be read with [`Channel::read`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Pick {
+    /// `c-2-s.done`, with the marker's inode from the listing.
+    Legacy(u64),
+    /// `req-<id>.yaml`; `fresh` if the previous listing did not show it.
+    Named { id: String, fresh: bool },
+}
+
+/// Requests read per tick at most: the rest wait for the next tick, so
+/// the heartbeat, reaping and status never wait for a long backlog.
+pub const BATCH: usize = 256;
+/// Of a tick's batch, how many go first to requests that were not there
+/// at the previous listing, so a new client is answered at once however
+/// long the backlog; the rest of the batch goes round the backlog.
+const FRESH_SHARE: usize = BATCH / 2;
+/// How many names of a listing are remembered to tell fresh requests
+/// from the backlog (as 8-byte hashes).
+const SEEN_CAP: usize = 1 << 18;
+/// Characters of a request kept for the history line.
+pub const HISTORY_EXCERPT: usize = 4096;
+/// Replies to invalid requests are written while fewer replies than this
+/// wait uncollected in the channel; past it, an invalid request is only
+/// logged: a client that floods the channel with junk cannot fill the
+/// disk with answers nobody reads.
+pub const JUNK_REPLY_CAP: usize = 256;
+/// Replies to invalid requests kept for a retry when they cannot be
+/// written (a full disk); replies to valid requests go first.
+const PENDING_JUNK_CAP: usize = 16;
+/// Replies kept for a retry at most.
+const PENDING_CAP: usize = 4096;
+/// Requests that could not be removed, remembered so they are not served
+/// twice; past this many, the oldest are forgotten.
+const HANDLED_CAP: usize = 1 << 16;
+/// How often removing them is tried again, and how many at most a time.
+const REMOVE_HANDLED_EVERY: Duration = Duration::from_secs(1);
+const REMOVE_HANDLED_BATCH: usize = 256;
+/// Files replaced this tick held open at most (their blocks are freed
+/// when they are let go; see [`fsutil::replace_atomic`]).
+const RETIRED_CAP: usize = 32;
+/// How long the sweep works per tick at most.
+const SWEEP_TIME: Duration = Duration::from_millis(50);
+/// Prefix of the hidden name an unusable entry is moved aside to.
+pub const ASIDE_PREFIX: &str = ".latd-aside-";
 
 /// How often [`Channel::ensure`] looks at the channel's path.
 const ENSURE_EVERY: Duration = Duration::from_secs(1);
@@ -60,6 +107,8 @@ struct PendingReply {
     slot: Slot,
     text: String,
     since: Instant,
+    /// A reply to an invalid request.
+    junk: bool,
 }
 
 /// Inode, size and mtime: enough to notice a file that was replaced.
@@ -81,9 +130,30 @@ pub struct Channel {
     dir: PathBuf,
     owner: Option<Owner>,
     /// Requests we handled but could not remove (read-only channel): their
-    /// identity, so they are not handled twice.
+    /// identity, so they are not handled twice. Bounded ([`HANDLED_CAP`]),
+    /// oldest first.
     handled: HashSet<(String, u64, i64, i64)>,
+    handled_order: VecDeque<(String, u64, i64, i64)>,
+    last_remove_handled: Option<Instant>,
+    /// Entries that cannot be used, removed or moved aside (a directory
+    /// named like a request in a channel latd cannot write): device,
+    /// inode and mtime, so they are answered once and then ignored.
+    ignored: HashSet<(u64, u64, i64, i64)>,
     pending: Vec<PendingReply>,
+    /// Hashes of the request names of the previous listing, to tell fresh
+    /// requests from the backlog.
+    seen: HashSet<u64>,
+    /// The last backlog request served: the next tick goes on after it.
+    cursor: Option<String>,
+    /// The last listing showed more requests than one batch takes.
+    backlog: bool,
+    /// Replies (`rep-*`) waiting uncollected at the last listing, plus
+    /// the junk replies written since.
+    uncollected: usize,
+    junk_dropped: u64,
+    /// The sweep under way: the listing it walks, and whether it is the
+    /// one at start-up.
+    sweeping: Option<(fs::ReadDir, bool)>,
     /// The original slot's last request: (marker inode, request identity).
     /// Kept while its marker is still listed, so it is answered once.
     legacy_answered: Option<(u64, Option<FileIdentity>)>,
@@ -95,7 +165,7 @@ pub struct Channel {
     /// The channel existed (or was made) once: its loss is worth a warning.
     set_up: bool,
     /// Files replaced this tick, held open until the replies are out.
-    retired: Vec<fs::File>,
+    retired: VecDeque<fs::File>,
     fifo_warned: bool,
     /// The channel directory, held open: every file operation goes through
     /// it (`via`), so a client that swaps the channel's path for a symlink
@@ -146,13 +216,22 @@ impl Channel {
             owner: Owner::of_dir_when_root(&dir),
             dir: dir.clone(),
             handled: HashSet::new(),
+            handled_order: VecDeque::new(),
+            last_remove_handled: None,
+            ignored: HashSet::new(),
             pending: Vec::new(),
+            seen: HashSet::new(),
+            cursor: None,
+            backlog: false,
+            uncollected: 0,
+            junk_dropped: 0,
+            sweeping: None,
             legacy_answered: None,
             pending_status: None,
             history_size: None,
             broken: false,
             set_up: false,
-            retired: Vec::new(),
+            retired: VecDeque::new(),
             fifo_warned: false,
             held: None,
             via: dir.clone(),
@@ -289,25 +368,49 @@ impl Channel {
 
     /// Start-up: remove what a previous daemon left that would mislead a
     /// client. A complete request (`c-2-s.done`, `req-*`) is kept: it will
-    /// be answered.
+    /// be answered. The sweep of old files starts, and goes on a slice per
+    /// tick while requests are served.
     pub fn clear_stale(&mut self) {
         for name in [protocol::LEGACY_REPLY_DONE, protocol::LEGACY_REPLY] {
             if let Err(e) = fsutil::remove_if_present(&self.at(name)) {
                 log::warn!("cannot remove stale {name}: {e}");
             }
         }
-        self.sweep(true);
+        self.start_sweep(true);
     }
 
-    /// Removes temporary files left by a writer that died, and replies
-    /// nobody collected. `at_start`: the previous daemon is gone, so its
-    /// temporaries go at once; a client's only once old (it may be writing).
-    pub fn sweep(&mut self, at_start: bool) {
-        let Ok(entries) = fs::read_dir(&self.via) else {
+    /// Starts a sweep of temporary files left by a writer that died, and
+    /// of replies nobody collected, unless one is under way. `at_start`:
+    /// the previous daemon is gone, so its temporaries go at once; a
+    /// client's only once old (it may be writing).
+    pub fn start_sweep(&mut self, at_start: bool) {
+        if self.sweeping.is_none() {
+            self.sweeping = fs::read_dir(&self.via).ok().map(|r| (r, at_start));
+        }
+    }
+
+    /// Whether a sweep is under way.
+    pub fn sweeping(&self) -> bool {
+        self.sweeping.is_some()
+    }
+
+    /// Sweeps the next slice (at most [`SWEEP_TIME`] of work): a channel
+    /// holding a million stale replies is cleared over many ticks, each
+    /// short, instead of one tick that blinds latd for a minute.
+    pub fn sweep_step(&mut self) {
+        let Some((mut entries, at_start)) = self.sweeping.take() else {
             return;
         };
         let now = SystemTime::now();
-        for e in entries.flatten() {
+        let start = Instant::now();
+        for n in 0.. {
+            if n % 256 == 255 && start.elapsed() >= SWEEP_TIME {
+                break;
+            }
+            let Some(e) = entries.next() else {
+                return;
+            };
+            let Ok(e) = e else { continue };
             let name = e.file_name().to_string_lossy().into_owned();
             let temporary = name.starts_with('.') && name.ends_with(".tmp");
             let reply = name.starts_with(protocol::REPLY_PREFIX)
@@ -330,20 +433,31 @@ impl Channel {
                 let _ = fs::remove_file(e.path());
             }
         }
+        self.sweeping = Some((entries, at_start));
     }
 
     /// Removes the requests that were handled while the channel could not
     /// be written (read-only, full): once it can, they must not stay
     /// behind, to be answered a second time by the next daemon. A file
     /// that was replaced since is a new request and is left alone.
+    /// Tried once a second, a slice at a time, and only until one still
+    /// cannot be removed (the channel is still read-only): never a cost
+    /// that grows with their number on every tick.
     fn remove_handled(&mut self) {
-        if self.handled.is_empty() {
+        if self.handled_order.is_empty()
+            || self
+                .last_remove_handled
+                .is_some_and(|t| t.elapsed() < REMOVE_HANDLED_EVERY)
+        {
             return;
         }
-        let dir = self.via.clone();
-        self.handled.retain(|key| {
-            let path = dir.join(&key.0);
-            match fs::symlink_metadata(&path) {
+        self.last_remove_handled = Some(Instant::now());
+        for _ in 0..REMOVE_HANDLED_BATCH.min(self.handled_order.len()) {
+            let Some(key) = self.handled_order.pop_front() else {
+                break;
+            };
+            let path = self.via.join(&key.0);
+            let keep = match fs::symlink_metadata(&path) {
                 Ok(md) if (md.ino(), md.mtime(), md.mtime_nsec()) == (key.1, key.2, key.3) => {
                     match fsutil::remove_if_present(&path) {
                         Ok(()) => {
@@ -356,8 +470,47 @@ impl Channel {
                 // Replaced by a new request.
                 Ok(_) => false,
                 Err(e) => e.kind() != io::ErrorKind::NotFound,
+            };
+            if keep {
+                self.handled_order.push_front(key);
+                break;
             }
-        });
+            self.handled.remove(&key);
+        }
+    }
+
+    /// Remembers a request that was served but could not be removed.
+    fn remember_handled(&mut self, key: (String, u64, i64, i64)) {
+        if self.handled.insert(key.clone()) {
+            self.handled_order.push_back(key);
+            if self.handled_order.len() > HANDLED_CAP {
+                if let Some(old) = self.handled_order.pop_front() {
+                    self.handled.remove(&old);
+                }
+            }
+        }
+    }
+
+    /// Gets an entry latd cannot use (a directory named like a request)
+    /// out of the way: removed if it can be, else moved aside to a hidden
+    /// name (which no scan looks at), else ignored by its identity from
+    /// now on. Never retried every tick.
+    fn put_aside(&mut self, name: &str, md: &fs::Metadata) {
+        let path = self.at(name);
+        if fs::remove_file(&path).is_ok() || fs::remove_dir(&path).is_ok() {
+            return;
+        }
+        let aside = format!("{ASIDE_PREFIX}{name}.{}", md.ino());
+        match fs::rename(&path, self.at(&aside)) {
+            Ok(()) => log::warn!("moved {name} aside to {aside}: latd cannot use it"),
+            Err(e) => {
+                log::warn!("ignoring {name} from now on: latd cannot use, remove or move it ({e})");
+                if self.ignored.len() < HANDLED_CAP {
+                    self.ignored
+                        .insert((md.dev(), md.ino(), md.mtime(), md.mtime_nsec()));
+                }
+            }
+        }
     }
 
     /// On a local filesystem, whether the directory is as it was at the
@@ -395,14 +548,16 @@ impl Channel {
         same
     }
 
-    /// Lists the channel and reads every complete request in it.
-    pub fn scan(&mut self) -> io::Result<Vec<Incoming>> {
+    /// Lists the channel and picks the requests to serve this tick: the
+    /// original slot, then at most [`BATCH`] others, fresh ones first (up
+    /// to [`FRESH_SHARE`]), then the backlog in turn after the last one
+    /// served. Only names are held, a batch's worth; each request is read,
+    /// served and dropped before the next one ([`Channel::read`]).
+    pub fn scan(&mut self) -> io::Result<Vec<Pick>> {
         self.remove_handled();
-        if self.unchanged() {
+        if !self.backlog && self.unchanged() {
             return Ok(Vec::new());
         }
-        let mut legacy: Option<u64> = None;
-        let mut named = Vec::new();
         let entries = match fs::read_dir(&self.via) {
             Ok(e) => {
                 if self.broken {
@@ -419,6 +574,22 @@ impl Channel {
                 return Err(e);
             }
         };
+        let mut legacy: Option<u64> = None;
+        // The smallest names of each kind, a batch's worth (max-heaps).
+        let mut fresh: BinaryHeap<String> = BinaryHeap::new();
+        let mut after: BinaryHeap<String> = BinaryHeap::new();
+        let mut before: BinaryHeap<String> = BinaryHeap::new();
+        let keep = |heap: &mut BinaryHeap<String>, name: &str| {
+            if heap.len() < BATCH {
+                heap.push(name.to_string());
+            } else if heap.peek().is_some_and(|top| name < top.as_str()) {
+                heap.pop();
+                heap.push(name.to_string());
+            }
+        };
+        let mut seen = HashSet::new();
+        let mut listed = 0usize;
+        let mut replies = 0usize;
         for e in entries.flatten() {
             let name = e.file_name();
             let Some(name) = name.to_str() else { continue };
@@ -429,21 +600,73 @@ impl Channel {
                 .strip_prefix(protocol::REQUEST_PREFIX)
                 .and_then(|r| r.strip_suffix(protocol::MESSAGE_SUFFIX))
             {
-                named.push(id.to_string());
+                listed += 1;
+                let h = name_hash(id);
+                if seen.len() < SEEN_CAP {
+                    seen.insert(h);
+                }
+                if !self.seen.contains(&h) {
+                    keep(&mut fresh, id);
+                } else if self.cursor.as_deref().is_some_and(|c| id <= c) {
+                    keep(&mut before, id);
+                } else {
+                    keep(&mut after, id);
+                }
+            } else if name.starts_with(protocol::REPLY_PREFIX) {
+                replies += 1;
             }
         }
-        let mut out = Vec::new();
-        match legacy {
-            Some(done_ino) => out.extend(self.read_legacy(done_ino)),
-            None => self.legacy_answered = None,
+        self.seen = seen;
+        self.uncollected = replies;
+        let mut picks: Vec<Pick> = legacy.into_iter().map(Pick::Legacy).collect();
+        let fresh = fresh.into_sorted_vec();
+        let old: Vec<String> = after
+            .into_sorted_vec()
+            .into_iter()
+            .chain(before.into_sorted_vec())
+            .collect();
+        let fresh_n = fresh
+            .len()
+            .min(FRESH_SHARE.max(BATCH.saturating_sub(old.len())));
+        let old_n = old.len().min(BATCH - fresh_n);
+        picks.extend(
+            fresh
+                .into_iter()
+                .take(fresh_n)
+                .map(|id| Pick::Named { id, fresh: true }),
+        );
+        picks.extend(
+            old.into_iter()
+                .take(old_n)
+                .map(|id| Pick::Named { id, fresh: false }),
+        );
+        self.backlog = listed > fresh_n + old_n;
+        if self.backlog {
+            log::debug!(
+                "{listed} requests waiting; serving {} this tick",
+                fresh_n + old_n
+            );
         }
-        named.sort();
-        for id in named {
-            if let Some(i) = self.read_named(id) {
-                out.push(i);
+        Ok(picks)
+    }
+
+    /// Whether the last listing left requests for later ticks.
+    pub fn has_backlog(&self) -> bool {
+        self.backlog
+    }
+
+    /// Reads one request the listing picked; `None` if there is nothing
+    /// to answer (gone, answered already, or not answerable).
+    pub fn read(&mut self, pick: Pick) -> Option<Incoming> {
+        match pick {
+            Pick::Legacy(ino) => self.read_legacy(ino),
+            Pick::Named { id, fresh } => {
+                if !fresh {
+                    self.cursor = Some(id.clone());
+                }
+                self.read_named(id)
             }
         }
-        Ok(out)
     }
 
     /// Reads the original slot. `done_ino` comes from the listing: the
@@ -473,6 +696,13 @@ impl Channel {
         self.legacy_answered = match fs::remove_file(&done) {
             Ok(()) => None,
             Err(e) if e.kind() == io::ErrorKind::NotFound => Some(key),
+            Err(_) if fs::symlink_metadata(&done).is_ok_and(|m| m.is_dir()) => {
+                // A directory as the marker: answered once, then put aside.
+                if let Ok(md) = fs::symlink_metadata(&done) {
+                    self.put_aside(protocol::LEGACY_REQUEST_DONE, &md);
+                }
+                None
+            }
             Err(e) => {
                 log::error!(
                     "cannot remove {}: {e}; the channel must be writable",
@@ -497,7 +727,11 @@ impl Channel {
         let path = self.at(&name);
         let md = fs::symlink_metadata(&path).ok()?;
         let key = (name.clone(), md.ino(), md.mtime(), md.mtime_nsec());
-        if self.handled.contains(&key) {
+        if self.handled.contains(&key)
+            || self
+                .ignored
+                .contains(&(md.dev(), md.ino(), md.mtime(), md.mtime_nsec()))
+        {
             return None;
         }
         if !protocol::valid_request_id(&id) {
@@ -507,17 +741,20 @@ impl Channel {
                 protocol::MAX_REQUEST_ID
             );
             if fs::remove_file(&path).is_err() {
-                self.handled.insert(key);
+                self.put_aside(&name, &md);
             }
             return None;
         }
         let (text, parsed) = read_request(&path, &name, &name);
-        if let Err(e) = fsutil::remove_if_present(&path) {
+        if md.is_dir() {
+            // Answered once (it is not a request), then out of the way.
+            self.put_aside(&name, &md);
+        } else if let Err(e) = fsutil::remove_if_present(&path) {
             log::error!(
                 "cannot remove {}: {e}; the channel must be writable",
                 path.display()
             );
-            self.handled.insert(key);
+            self.remember_handled(key);
         }
         Some(Incoming {
             slot: Slot::Named(id),
@@ -527,19 +764,64 @@ impl Channel {
     }
 
     /// Writes a reply; one that cannot be written now is retried later.
-    pub fn reply(&mut self, slot: Slot, reply: &Reply) {
-        let text = reply.render();
-        if let Err(e) = self.write_reply(&slot, &text) {
-            log::error!(
-                "cannot write the reply to {slot} in {}: {e}; will retry",
-                self.dir.display()
-            );
-            self.pending.push(PendingReply {
-                slot,
-                text,
-                since: Instant::now(),
-            });
+    /// `junk`: the reply to an invalid request, written only while few
+    /// replies wait uncollected ([`JUNK_REPLY_CAP`]), and kept for a retry
+    /// only a few at a time: junk never fills the disk or crowds out the
+    /// replies to real requests.
+    pub fn reply(&mut self, slot: Slot, reply: &Reply, junk: bool) {
+        let named = matches!(slot, Slot::Named(_));
+        if junk && named && self.uncollected >= JUNK_REPLY_CAP {
+            self.junk_dropped += 1;
+            if self.junk_dropped.is_power_of_two() {
+                log::warn!(
+                    "not answering the invalid request {slot}: {} replies wait uncollected ({} invalid requests unanswered so far)",
+                    self.uncollected,
+                    self.junk_dropped
+                );
+            }
+            return;
         }
+        let text = reply.render();
+        match self.write_reply(&slot, &text) {
+            Ok(()) => {
+                if named {
+                    self.uncollected += 1;
+                }
+            }
+            Err(e) => {
+                log::error!(
+                    "cannot write the reply to {slot} in {}: {e}; will retry",
+                    self.dir.display()
+                );
+                self.keep_pending(PendingReply {
+                    slot,
+                    text,
+                    since: Instant::now(),
+                    junk,
+                });
+            }
+        }
+    }
+
+    /// Keeps a reply for a retry, within [`PENDING_CAP`] and
+    /// [`PENDING_JUNK_CAP`]; past them the oldest junk goes first.
+    fn keep_pending(&mut self, p: PendingReply) {
+        if p.junk && self.pending.iter().filter(|q| q.junk).count() >= PENDING_JUNK_CAP {
+            log::warn!(
+                "dropping the reply to the invalid request {}: too many replies wait for a retry",
+                p.slot
+            );
+            return;
+        }
+        if self.pending.len() >= PENDING_CAP {
+            let victim = self.pending.iter().position(|q| q.junk).unwrap_or(0);
+            let old = self.pending.remove(victim);
+            log::error!(
+                "giving up on the reply to {}: too many replies wait for a retry",
+                old.slot
+            );
+        }
+        self.pending.push(p);
     }
 
     fn write_reply(&mut self, slot: &Slot, text: &str) -> io::Result<()> {
@@ -552,7 +834,7 @@ impl Channel {
                     0o644,
                     self.owner,
                 )?;
-                self.retired.extend(old);
+                self.retire(old);
                 fsutil::write_atomic(
                     &self.via,
                     protocol::LEGACY_REPLY_DONE,
@@ -581,10 +863,25 @@ impl Channel {
         if self.pending.is_empty() {
             return;
         }
-        let pending = std::mem::take(&mut self.pending);
+        let mut pending = std::mem::take(&mut self.pending);
+        // Replies to real requests first, while space is scarce.
+        pending.sort_by_key(|p| p.junk);
+        // Once the channel as a whole refuses (full, read-only), the rest
+        // wait for the next tick: a retry round costs one failed write.
+        let mut refused = false;
         for p in pending {
-            match self.write_reply(&p.slot, &p.text) {
-                Ok(()) => log::info!("reply to {} written after a retry", p.slot),
+            let result = if refused {
+                Err(io::Error::from_raw_os_error(libc::ENOSPC))
+            } else {
+                self.write_reply(&p.slot, &p.text)
+            };
+            match result {
+                Ok(()) => {
+                    log::info!("reply to {} written after a retry", p.slot);
+                    if matches!(p.slot, Slot::Named(_)) {
+                        self.uncollected += 1;
+                    }
+                }
                 Err(e) if p.since.elapsed() > REPLY_RETRY_FOR => {
                     log::error!(
                         "giving up on the reply to {} after {:?}: {e}",
@@ -592,7 +889,13 @@ impl Channel {
                         REPLY_RETRY_FOR
                     )
                 }
-                Err(_) => self.pending.push(p),
+                Err(e) => {
+                    refused |= matches!(
+                        e.raw_os_error(),
+                        Some(libc::ENOSPC | libc::EROFS | libc::EDQUOT | libc::EACCES)
+                    );
+                    self.pending.push(p);
+                }
             }
         }
     }
@@ -643,8 +946,19 @@ impl Channel {
             0o644,
             self.owner,
         )?;
-        self.retired.extend(old);
+        self.retire(old);
         Ok(())
+    }
+
+    /// Holds a replaced file until the replies are out, at most
+    /// [`RETIRED_CAP`] of them: a tick that rewrites `status.lat` for many
+    /// requests lets the oldest go at once, and never runs out of
+    /// descriptors.
+    fn retire(&mut self, old: Option<fs::File>) {
+        self.retired.extend(old);
+        while self.retired.len() > RETIRED_CAP {
+            self.retired.pop_front();
+        }
     }
 
     /// Lets go of the files replaced this tick; call after the replies.
@@ -690,6 +1004,24 @@ impl Channel {
     }
 }
 
+/// The start of a request as text, for the history line.
+fn excerpt(bytes: &[u8]) -> String {
+    let head = &bytes[..bytes.len().min(HISTORY_EXCERPT * 4)];
+    let text = String::from_utf8_lossy(head);
+    let mut shown: String = text.chars().take(HISTORY_EXCERPT).collect();
+    if shown.len() < bytes.len() {
+        shown.push_str("...");
+    }
+    shown
+}
+
+/// A name's hash, to remember a listing in little memory.
+fn name_hash(name: &str) -> u64 {
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    name.hash(&mut h);
+    h.finish()
+}
+
 /// Reads one request file. `done_name` is the marker that announced it.
 fn read_request(path: &Path, name: &str, done_name: &str) -> (String, Result<RawRequest, Invalid>) {
     let before = fs::symlink_metadata(path);
@@ -712,7 +1044,7 @@ fn read_request(path: &Path, name: &str, done_name: &str) -> (String, Result<Raw
             )
         }
     };
-    let text = String::from_utf8_lossy(&bytes).into_owned();
+    let text = excerpt(&bytes);
     if too_long {
         return (
             text,

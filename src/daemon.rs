@@ -45,6 +45,9 @@ const REAP_EVERY: Duration = Duration::from_secs(1);
 const EXIT_REPLY_RETRY: Duration = Duration::from_secs(1);
 /// How often stale files are swept from the channel.
 const SWEEP_EVERY: Duration = Duration::from_secs(60);
+/// A tick stops reading requests after this long; the rest wait for the
+/// next tick, which comes at once.
+const BATCH_TIME: Duration = Duration::from_millis(100);
 
 impl Settings {
     pub fn env_script(&self) -> PathBuf {
@@ -185,7 +188,9 @@ struct Daemon {
     channel: Channel,
     procs: Processes,
     sdk: SdkConfig,
-    slots: HashMap<ReqId, Slot>,
+    /// Where each request's reply goes, and whether the request was
+    /// invalid (its reply is junk, see [`Channel::reply`]).
+    slots: HashMap<ReqId, (Slot, bool)>,
     next_req: u64,
     jobs_tx: mpsc::Sender<Event>,
     jobs_rx: mpsc::Receiver<Event>,
@@ -377,10 +382,18 @@ impl Daemon {
         while let Ok(e) = self.jobs_rx.try_recv() {
             self.feed(e);
         }
-        if let Ok(incoming) = self.channel.scan() {
-            for inc in incoming {
-                self.last_activity = Instant::now();
-                self.handle_incoming(inc);
+        if let Ok(picks) = self.channel.scan() {
+            // One request at a time: read, served, dropped. A batch that
+            // runs long is cut, and the rest waits for the next tick.
+            let start = Instant::now();
+            for pick in picks {
+                if start.elapsed() >= BATCH_TIME {
+                    break;
+                }
+                if let Some(inc) = self.channel.read(pick) {
+                    self.last_activity = Instant::now();
+                    self.handle_incoming(inc);
+                }
             }
         }
         self.feed(Event::Tick);
@@ -396,10 +409,10 @@ impl Daemon {
             .record_history(&iso8601(self.clock.now()), &inc.slot, &inc.text);
         let id = ReqId(self.next_req);
         self.next_req += 1;
-        self.slots.insert(id, inc.slot.clone());
         let checked = inc
             .parsed
             .and_then(|raw| crate::validate::check(raw, &self.root));
+        self.slots.insert(id, (inc.slot.clone(), checked.is_err()));
         let event = match checked {
             Ok(request) => {
                 self.channel.mark_invalid(false);
@@ -444,7 +457,7 @@ impl Daemon {
     fn perform(&mut self, effect: Effect) -> Option<Event> {
         match effect {
             Effect::Reply { id, reply } => {
-                let Some(slot) = self.slots.remove(&id) else {
+                let Some((slot, junk)) = self.slots.remove(&id) else {
                     // Never to another client's slot; this is a bug.
                     log::error!("dropping a reply to unknown request {id:?}: {reply:?}");
                     return None;
@@ -466,7 +479,7 @@ impl Daemon {
                         .map(|r| format!(": {r}"))
                         .unwrap_or_default()
                 );
-                self.channel.reply(slot, &reply);
+                self.channel.reply(slot, &reply, junk);
                 None
             }
             Effect::Spawn { build_id, request } => {
@@ -553,8 +566,10 @@ impl Daemon {
             self.heartbeat();
             self.last_heartbeat = Some(Instant::now());
         }
-        if self.last_sweep.elapsed() >= SWEEP_EVERY {
-            self.channel.sweep(false);
+        if self.channel.sweeping() {
+            self.channel.sweep_step();
+        } else if self.last_sweep.elapsed() >= SWEEP_EVERY {
+            self.channel.start_sweep(false);
             self.last_sweep = Instant::now();
         }
     }
@@ -592,6 +607,9 @@ impl Daemon {
     }
 
     fn next_timeout(&self) -> Duration {
+        if self.channel.has_backlog() || self.channel.sweeping() {
+            return Duration::ZERO;
+        }
         let busy = self.machine.state().kind() != StateKind::Idle
             || self.last_activity.elapsed() < BUSY_AFTER_ACTIVITY
             || self.channel.has_pending()
