@@ -191,7 +191,7 @@ type DirStamp = (u64, u64, i64, i64, i64, i64);
 
 /// Filesystems whose directory mtime is exact and immediate for every
 /// writer (not NFS, CIFS or FUSE, which cache attributes).
-fn is_local_fs(f: &fs::File) -> bool {
+pub(crate) fn is_local_fs(f: &fs::File) -> bool {
     use std::os::fd::AsRawFd;
     let mut st = std::mem::MaybeUninit::<libc::statfs>::zeroed();
     // SAFETY: valid fd and a pointer to writable memory of the right type.

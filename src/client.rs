@@ -86,8 +86,41 @@ impl Client {
         )
     }
 
-    /// Is a daemon alive on this channel? Fast: one stat.
+    /// Is a daemon alive on this channel? Fast: a lock test and one stat.
+    /// When none is, says so, and what a waiting latd says it waits for.
     pub fn check_alive(&self) -> Result<(), ClientError> {
+        self.check_lock()
+            .and_then(|()| self.check_heartbeat())
+            .map_err(|e| self.with_standby_note(e))
+    }
+
+    /// On one kernel, knows at once that no daemon holds the channel's
+    /// lock (see [`crate::lock::probe`]); elsewhere leaves it to the
+    /// heartbeat.
+    fn check_lock(&self) -> Result<(), ClientError> {
+        match crate::lock::probe(&self.channel) {
+            crate::lock::Probe::Free => Err(ClientError::Unreachable(format!(
+                "no latd is running: nothing holds the channel's lock {}; {}",
+                self.channel.join(protocol::LOCK_FILE).display(),
+                self.hint()
+            ))),
+            crate::lock::Probe::Held | crate::lock::Probe::Unknown => Ok(()),
+        }
+    }
+
+    /// Adds what a latd waiting for the lock says (a standby, or one whose
+    /// NFS server is in its grace period) to "no daemon" errors.
+    fn with_standby_note(&self, e: ClientError) -> ClientError {
+        match (e, crate::lock::standby_note(&self.channel)) {
+            (ClientError::Unreachable(m), Some(note)) => {
+                ClientError::Unreachable(format!("{note}. {m}"))
+            }
+            (e, _) => e,
+        }
+    }
+
+    /// The heartbeat: `latd.alive` present and recent.
+    fn check_heartbeat(&self) -> Result<(), ClientError> {
         let alive = self.channel.join(protocol::ALIVE_FILE);
         match fs::metadata(&alive) {
             Ok(md) => {

@@ -7,6 +7,7 @@
 use crate::channel::{Channel, Slot};
 use crate::clock::{iso8601, Clock};
 use crate::effects::{self, Processes, SdkConfig};
+use crate::lock;
 use crate::machine::{self, Effect, Event, Machine, ReqId, StateKind};
 use crate::protocol;
 use std::collections::{HashMap, VecDeque};
@@ -162,20 +163,156 @@ fn drain(r: &mut impl Read) {
     }
 }
 
-/// Refuses to start when another daemon serves the channel.
-fn lock_channel(channel: &Channel) -> Result<fs::File, String> {
-    let shown = channel.path(protocol::LOCK_FILE);
-    let f = crate::fsutil::open_append(&channel.at(protocol::LOCK_FILE), 0o644)
-        .map_err(|e| format!("cannot open {}: {e}", shown.display()))?;
-    // SAFETY: flock on a valid fd.
-    if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
-        return Err(format!(
-            "another latd already serves the channel {} (it holds {})",
-            channel.dir().display(),
-            shown.display()
-        ));
+/// How often a waiting latd tries the channel's lock again.
+const LOCK_RETRY: Duration = Duration::from_millis(200);
+/// A lock attempt still unanswered after this is reported as a wait (an
+/// NFS server holds locks back for its grace period after it starts).
+const LOCK_SLOW: Duration = Duration::from_secs(2);
+
+/// Who holds the lock, from the heartbeat the serving latd writes.
+fn holder(channel: &Channel) -> String {
+    let text = crate::fsutil::read_capped(&channel.at(protocol::ALIVE_FILE), 4096)
+        .map(|(b, _, _)| String::from_utf8_lossy(&b).into_owned())
+        .unwrap_or_default();
+    let field = |k: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(k)?.strip_prefix(':'))
+            .map(|v| v.trim().to_string())
+    };
+    match (field("pid"), field("started_at")) {
+        (Some(pid), Some(at)) => format!(
+            "the lock held by another latd ({} says pid {pid}, started at {at})",
+            protocol::ALIVE_FILE
+        ),
+        (Some(pid), None) => format!(
+            "the lock held by another latd ({} says pid {pid})",
+            protocol::ALIVE_FILE
+        ),
+        _ => "the lock held by another latd".to_string(),
     }
-    Ok(f)
+}
+
+/// Takes the channel's lock. While another latd holds it, waits as a
+/// standby and takes over when it goes; while the filesystem does not
+/// answer (an NFS server's grace period), waits too. Either wait is said in
+/// the log and in `latd.standby`, which clients show. Planted files never
+/// stop it (see [`crate::lock`]). `None`: asked to exit while waiting.
+fn wait_for_lock(channel: &Channel, shutdown: &AtomicBool) -> Option<lock::ChannelLock> {
+    enum Msg {
+        Taken(lock::ChannelLock),
+        Held,
+        Failed(String),
+    }
+    let dir = channel.io_dir().to_path_buf();
+    let uid = lock::own_uid(&dir);
+    let (tx, rx) = mpsc::channel();
+    // A lock call on NFS can block in the kernel for the whole grace
+    // period: it runs aside, so that latd can say it waits, and can exit.
+    std::thread::spawn(move || loop {
+        let msg = match lock::try_take(&dir, uid) {
+            Ok(lock::Attempt::Taken(l)) => {
+                let _ = tx.send(Msg::Taken(l));
+                return;
+            }
+            Ok(lock::Attempt::HeldByDaemon) => Msg::Held,
+            Err(e) => Msg::Failed(e.to_string()),
+        };
+        if tx.send(msg).is_err() {
+            return;
+        }
+        std::thread::sleep(LOCK_RETRY);
+    });
+    let since = iso8601(Clock::new().now());
+    let start = Instant::now();
+    let mut answered = Instant::now();
+    // What latd waits for (for the standby file), and when it last said so
+    // in the log: once per change, and the filesystem's silence every 10 s.
+    let mut waiting: Option<String> = None;
+    let mut logged: Option<(&'static str, String, Instant)> = None;
+    let mut written: Option<Instant> = None;
+    let standby = channel.at(lock::STANDBY_FILE);
+    let result = loop {
+        if shutdown.load(Ordering::Relaxed) {
+            log::info!("asked to exit while waiting for the channel's lock");
+            break None;
+        }
+        let lock_path = channel.path(protocol::LOCK_FILE);
+        let now_waiting = match rx.recv_timeout(Duration::from_millis(100)) {
+            Ok(Msg::Taken(l)) => {
+                if waiting.is_some() {
+                    log::info!(
+                        "took the channel's lock after waiting {:.1} s",
+                        start.elapsed().as_secs_f64()
+                    );
+                }
+                break Some(l);
+            }
+            Ok(Msg::Held) => {
+                answered = Instant::now();
+                Some(("held", holder(channel)))
+            }
+            Ok(Msg::Failed(e)) => {
+                answered = Instant::now();
+                Some(("failed", format!("the lock {}: {e}", lock_path.display())))
+            }
+            Err(mpsc::RecvTimeoutError::Timeout) if answered.elapsed() >= LOCK_SLOW => Some((
+                "slow",
+                format!(
+                    "the lock {}: the filesystem has not answered for {} s (on NFS a freshly started server holds locks back for its grace period, up to 90 s)",
+                    lock_path.display(),
+                    answered.elapsed().as_secs()
+                ),
+            )),
+            Err(mpsc::RecvTimeoutError::Timeout) => None,
+            Err(mpsc::RecvTimeoutError::Disconnected) => {
+                log::error!("the lock's thread ended; exiting");
+                break None;
+            }
+        };
+        if let Some((kind, what)) = now_waiting {
+            let again = match &logged {
+                Some((k, w, at)) => {
+                    *k != kind
+                        || (kind != "slow" && *w != what)
+                        || (kind == "slow" && at.elapsed() >= Duration::from_secs(10))
+                }
+                None => true,
+            };
+            if again {
+                match kind {
+                    "held" => log::warn!(
+                        "latd is waiting for {what}: on standby, it takes over when that latd goes"
+                    ),
+                    "failed" => log::error!("latd is waiting for {what}; trying again"),
+                    _ => log::warn!("latd is waiting for {what}"),
+                }
+                logged = Some((kind, what.clone(), Instant::now()));
+                written = None;
+            }
+            waiting = Some(what);
+        }
+        if let Some(what) = &waiting {
+            if written.is_none_or(|t| t.elapsed() >= HEARTBEAT_EVERY) {
+                let text = format!(
+                    "pid: {}\nsince: {since}\nwaiting_for: {what}\n",
+                    std::process::id()
+                );
+                let _ = crate::fsutil::write_atomic(
+                    channel.io_dir(),
+                    lock::STANDBY_FILE,
+                    text.as_bytes(),
+                    0o644,
+                    None,
+                    false,
+                );
+                written = Some(Instant::now());
+            }
+        }
+    };
+    if written.is_some() {
+        let _ = fs::remove_file(&standby);
+    }
+    result
 }
 
 /// The running daemon: the machine and everything that performs its effects.
@@ -186,6 +323,9 @@ struct Daemon {
     clock: Clock,
     machine: Machine,
     channel: Channel,
+    /// The channel's lock, held while latd serves.
+    lock: lock::ChannelLock,
+    lock_lost: bool,
     procs: Processes,
     sdk: SdkConfig,
     /// Where each request's reply goes, and whether the request was
@@ -228,9 +368,11 @@ pub fn run(settings: Settings) -> Result<(), String> {
     channel
         .ensure()
         .map_err(|e| format!("cannot set up channel {}: {e}", settings.channel.display()))?;
-    let _lock = lock_channel(&channel)?;
-    Processes::become_subreaper();
     let mut wakeup = Wakeup::new().map_err(|e| format!("cannot set up signal handling: {e}"))?;
+    let Some(lock) = wait_for_lock(&channel, &wakeup.shutdown) else {
+        return Ok(());
+    };
+    Processes::become_subreaper();
     wakeup.open_fifo(&channel);
     if !settings.env_script().is_file() {
         log::warn!(
@@ -249,14 +391,16 @@ pub fn run(settings: Settings) -> Result<(), String> {
     let now = clock.now();
     let state_path = channel.at(protocol::STATE_FILE);
     let persisted = effects::load_state(&state_path);
-    // The mark is the channel's canonical path, so that every spelling of
-    // it (a trailing slash, a symlink) finds the same processes.
-    let tag = settings
-        .channel
-        .canonicalize()
-        .unwrap_or_else(|_| settings.channel.clone())
-        .to_string_lossy()
-        .into_owned();
+    // The mark is the channel's identity (its directory's device and
+    // inode), not its path: two daemons in one pid namespace, each on its
+    // own volume mounted at the same path, never take each other's
+    // processes for their own.
+    let tag = effects::channel_mark(channel.io_dir()).map_err(|e| {
+        format!(
+            "cannot identify channel {}: {e}",
+            settings.channel.display()
+        )
+    })?;
     // Whatever a previous latd on this channel started and left running
     // (it was killed, or crashed) carries the channel's mark: kill it. The
     // state file names pids too, but it lies in the shared channel, and a
@@ -310,6 +454,8 @@ pub fn run(settings: Settings) -> Result<(), String> {
         clock,
         machine,
         channel,
+        lock,
+        lock_lost: false,
         procs: Processes::default(),
         slots: HashMap::new(),
         next_req: 1,
@@ -563,6 +709,15 @@ impl Daemon {
             .last_heartbeat
             .is_none_or(|t| t.elapsed() >= HEARTBEAT_EVERY);
         if due {
+            match self.lock.keep(self.channel.io_dir()) {
+                Ok(()) => self.lock_lost = false,
+                Err(e) => {
+                    if !self.lock_lost {
+                        log::error!("{e}");
+                    }
+                    self.lock_lost = true;
+                }
+            }
             self.heartbeat();
             self.last_heartbeat = Some(Instant::now());
         }

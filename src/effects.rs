@@ -19,7 +19,8 @@ pub struct SdkConfig {
     /// `Some(path)` when the operator allowed `hack/lat-genimage-cmd`.
     pub hack_cmd: Option<PathBuf>,
     /// Value of [`TAG_VAR`] in every process latd starts (the channel's
-    /// path), so a restarted latd can find what a crashed one left.
+    /// identity, see [`channel_mark`]), so a restarted latd can find what a
+    /// crashed one left.
     pub tag: String,
     /// The canonical workspace root: workdirs are opened beneath it
     /// without following symlinks.
@@ -28,6 +29,16 @@ pub struct SdkConfig {
 
 /// Environment variable that marks the processes latd starts.
 pub const TAG_VAR: &str = "LATD_CHANNEL";
+
+/// The channel's identity, for [`TAG_VAR`]: `<device>:<inode>` of the
+/// channel directory. Unlike its path, it differs between two volumes
+/// mounted at the same path (in two mount namespaces), and a client cannot
+/// forge it; it stays the same while the directory lives on its mount.
+pub fn channel_mark(dir: &Path) -> io::Result<String> {
+    use std::os::unix::fs::MetadataExt;
+    let md = fs::metadata(dir)?;
+    Ok(format!("dev{}:ino{}", md.dev(), md.ino()))
+}
 /// Environment variable that says which job a process belongs to:
 /// `build-<id>` or `getyaml-<job>`.
 pub const JOB_VAR: &str = "LATD_JOB";

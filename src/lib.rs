@@ -10,7 +10,8 @@
 //! - [`channel`]: reads requests from the channel dir and writes replies;
 //! - [`daemon`]: the poll loop that ties them together (`latd`);
 //! - [`client`]: the client side (`latc`);
-//! - [`yaml_limits`]: what YAML from clients may cost, checked before parsing.
+//! - [`yaml_limits`]: what YAML from clients may cost, checked before parsing;
+//! - [`lock`]: `latd.lock`, who serves a channel, and a test of it for clients.
 
 pub mod channel;
 pub mod cli;
@@ -20,6 +21,7 @@ pub mod daemon;
 pub mod diagram;
 pub mod effects;
 pub mod fsutil;
+pub mod lock;
 pub mod machine;
 pub mod protocol;
 pub mod tree;

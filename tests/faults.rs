@@ -899,9 +899,10 @@ fn latc_says_fast_when_no_daemon_is_alive() {
     d.kill9();
     let alive = env.channel.join("latd.alive");
     set_mtime(&alive, Duration::from_secs(60));
+    // (On one kernel the lock says so before the heartbeat is looked at.)
     check(
         "latd died long ago",
-        "not responding",
+        "no latd is running",
         Duration::from_secs(2),
     );
 
@@ -932,7 +933,10 @@ fn latc_says_fast_when_no_daemon_is_alive() {
     assert_eq!(o.status.code(), Some(3), "{}", stderr(&o));
     assert!(took < Duration::from_secs(10), "took {took:?}");
     let err = stderr(&o);
-    assert!(err.contains("not responding") && err.contains(&ch), "{err}");
+    assert!(
+        (err.contains("not responding") || err.contains("no latd is running")) && err.contains(&ch),
+        "{err}"
+    );
 }
 
 /// `latc health`: exit code only, well under a second, idle or busy.

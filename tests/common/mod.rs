@@ -96,15 +96,11 @@ impl TestEnv {
             .stderr(log)
             .spawn()
             .expect("start latd");
-        let channel = ws.join("channel");
-        let alive = channel.join("latd.alive");
         let d = Daemon {
             child: Some(child),
-            channel,
+            channel: ws.join("channel"),
         };
-        wait_until(Duration::from_secs(10), "latd to come up", || {
-            alive.exists()
-        });
+        d.wait_serving();
         d
     }
 
@@ -235,6 +231,16 @@ pub struct Daemon {
 impl Daemon {
     pub fn pid(&self) -> i32 {
         self.child.as_ref().unwrap().id() as i32
+    }
+
+    /// Waits until this latd serves its channel: its heartbeat names it
+    /// (a heartbeat left by a previous latd, or a standby, does not count).
+    pub fn wait_serving(&self) {
+        let alive = self.channel.join("latd.alive");
+        let me = format!("pid: {}\n", self.pid());
+        wait_until(Duration::from_secs(10), "latd to come up", || {
+            fs::read_to_string(&alive).is_ok_and(|t| t.contains(&me))
+        });
     }
 
     pub fn signal(&self, sig: i32) {
@@ -400,10 +406,7 @@ impl TestEnv {
             child: Some(child),
             channel: self.channel.clone(),
         };
-        let alive = self.channel.join("latd.alive");
-        wait_until(Duration::from_secs(10), "latd to come up", || {
-            alive.exists()
-        });
+        d.wait_serving();
         d
     }
 
