@@ -34,10 +34,67 @@ pub fn split_equals(args: impl IntoIterator<Item = String>) -> Vec<String> {
     out
 }
 
+/// The program's arguments as UTF-8 strings. An argument that is not
+/// UTF-8 is refused with a message (exit 2), never a panic: requests are
+/// YAML documents, which cannot carry such a path.
+pub fn utf8_args(prog: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    for (i, a) in std::env::args_os().enumerate() {
+        match a.into_string() {
+            Ok(s) => out.push(s),
+            Err(raw) => usage_error(
+                prog,
+                &format!(
+                    "argument {i} ({}) is not valid UTF-8; paths must be UTF-8 (they travel in YAML)",
+                    raw.to_string_lossy()
+                ),
+            ),
+        }
+    }
+    out
+}
+
+/// Prints `<prog>: error: <msg>` and the pointer to `--help`, exits 2.
+pub fn usage_error(prog: &str, msg: &str) -> ! {
+    err_line(&format!(
+        "{prog}: error: {msg}\nRun {prog} --help for more information."
+    ));
+    std::process::exit(crate::client::EXIT_USAGE);
+}
+
+/// Writes a line to stderr; a closed stderr is not worth a panic.
+pub fn err_line(msg: &str) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr(), "{msg}");
+}
+
+/// Writes to stdout; a reader that went away (`| head`) ends the process
+/// as Unix tools end: by SIGPIPE (status 141 in a shell).
+pub fn out_bytes(bytes: &[u8]) {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    if let Err(e) = out.write_all(bytes).and_then(|()| out.flush()) {
+        if e.kind() == std::io::ErrorKind::BrokenPipe {
+            die_of_sigpipe();
+        }
+    }
+}
+
+/// Ends the process by SIGPIPE, the conventional end of a writer whose
+/// reader left (Rust ignores SIGPIPE, so it is restored first).
+pub fn die_of_sigpipe() -> ! {
+    // SAFETY: signal and raise have no memory effects.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+        libc::raise(libc::SIGPIPE);
+    }
+    std::process::exit(128 + libc::SIGPIPE);
+}
+
 /// Parses `T` from the process's arguments, with `--x=y` support; prints
-/// help or the error and exits like argh does.
-pub fn parse_args<T: argh::FromArgs>() -> T {
-    parse_args_from(split_equals(std::env::args()))
+/// help or the error (in the `<prog>: error:` format) and exits.
+pub fn parse_args<T: argh::FromArgs>(prog: &str) -> T {
+    parse_args_from(split_equals(utf8_args(prog)))
 }
 
 /// [`parse_args`] on arguments the caller has already rearranged.
@@ -55,15 +112,17 @@ pub fn parse_args_from<T: argh::FromArgs>(args: Vec<String>) -> T {
         Ok(t) => t,
         Err(early) => match early.status {
             Ok(()) => {
-                println!("{}", early.output);
+                out_bytes(format!("{}\n", early.output).as_bytes());
                 std::process::exit(0);
             }
             Err(()) => {
-                eprintln!(
-                    "{}\nRun {cmd} --help for more information.",
-                    early.output.trim_end()
-                );
-                std::process::exit(crate::client::EXIT_USAGE);
+                let text = early.output.trim_end();
+                let mut chars = text.chars();
+                let text = match chars.next() {
+                    Some(c) => c.to_lowercase().chain(chars).collect::<String>(),
+                    None => "bad command line".to_string(),
+                };
+                usage_error(&cmd, &text)
             }
         },
     }

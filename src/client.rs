@@ -22,8 +22,13 @@ pub const EXIT_USAGE: i32 = 2;
 pub const EXIT_UNREACHABLE: i32 = 3;
 /// The build was stopped before it ended on its own.
 pub const EXIT_STOPPED: i32 = 4;
+/// `latc health` only: latd's files cannot be looked at (a permission or
+/// I/O error), which says nothing about whether latd lives.
+pub const EXIT_CANNOT_LOOK: i32 = 5;
 /// Ctrl-C: latc detached; the build goes on.
 pub const EXIT_DETACHED: i32 = 130;
+/// stdout was closed (SIGPIPE): latc ended quietly.
+pub const EXIT_PIPE: i32 = 141;
 
 /// A heartbeat older than this means the daemon is gone.
 pub const HEARTBEAT_STALE: Duration = Duration::from_secs(10);
@@ -140,6 +145,10 @@ impl Client {
                     Ok(())
                 }
             }
+            Err(e) if e.kind() != io::ErrorKind::NotFound => Err(ClientError::Io(format!(
+                "cannot look at {}: {e}; latc may lack the permission to use the channel",
+                alive.display()
+            ))),
             Err(_) if !self.channel.is_dir() => Err(ClientError::Unreachable(format!(
                 "no latd is running: the channel directory {} does not exist; {}",
                 self.channel.display(),
