@@ -121,6 +121,10 @@ fn dir_identity(f: &fs::File) -> io::Result<(u64, u64, Option<u64>)> {
     Ok((md.dev(), md.ino(), crate::tree::mount_id(f.as_raw_fd())))
 }
 
+/// The mode of a channel given to a group: setgid, rwx for owner and group,
+/// nothing for others.
+pub const CHANNEL_GROUP_MODE: u32 = 0o2770;
+
 /// Identity of a file, to notice one that was replaced.
 fn identity(md: &fs::Metadata) -> FileIdentity {
     (md.ino(), md.size(), md.mtime(), md.mtime_nsec())
@@ -129,6 +133,8 @@ fn identity(md: &fs::Metadata) -> FileIdentity {
 pub struct Channel {
     dir: PathBuf,
     owner: Option<Owner>,
+    /// `--channel-group`: the group the channel is given (mode 2770).
+    group: Option<u32>,
     /// Requests we handled but could not remove (read-only channel): their
     /// identity, so they are not handled twice. Bounded ([`HANDLED_CAP`]),
     /// oldest first.
@@ -214,6 +220,7 @@ impl Channel {
     pub fn new(dir: PathBuf) -> Channel {
         Channel {
             owner: Owner::of_dir_when_root(&dir),
+            group: None,
             dir: dir.clone(),
             handled: HashSet::new(),
             handled_order: VecDeque::new(),
@@ -241,6 +248,38 @@ impl Channel {
             local: false,
             last_listing: None,
         }
+    }
+
+    /// Gives the channel to group `gid` (mode 2770: the group's members, and
+    /// only they, can use it; files made in it inherit the group).
+    pub fn set_group(&mut self, gid: u32) {
+        self.group = Some(gid);
+    }
+
+    /// Applies `--channel-group` to the held directory (through its
+    /// descriptor) when its group or mode differ.
+    fn apply_group(&mut self) -> io::Result<()> {
+        use std::os::unix::fs::PermissionsExt;
+        let (Some(gid), Some(f)) = (self.group, self.held.as_ref()) else {
+            return Ok(());
+        };
+        let md = f.metadata()?;
+        if md.gid() == gid && md.mode() & 0o7777 == CHANNEL_GROUP_MODE {
+            return Ok(());
+        }
+        std::os::unix::fs::fchown(f, None, Some(gid)).map_err(|e| {
+            io::Error::new(
+                e.kind(),
+                format!("cannot give {} to group {gid}: {e}", self.dir.display()),
+            )
+        })?;
+        f.set_permissions(fs::Permissions::from_mode(CHANNEL_GROUP_MODE))?;
+        log::info!(
+            "channel {} belongs to group {gid}, mode {CHANNEL_GROUP_MODE:o}",
+            self.dir.display()
+        );
+        self.owner = Owner::of_dir_when_root(&self.dir);
+        Ok(())
     }
 
     /// Opens the daemon's end of the wake-up FIFO.
@@ -348,6 +387,7 @@ impl Channel {
             fsutil::ensure_dir(&self.dir)?;
         }
         self.hold()?;
+        self.apply_group()?;
         self.set_up = true;
         // The FIFO is only a wake-up hint: without it (a filesystem with
         // no FIFOs) latd still serves every request by polling.

@@ -34,7 +34,12 @@ pub struct Settings {
     pub busy_poll: Duration,
     pub allow_hack_cmd: bool,
     pub history_cap: usize,
+    /// `--channel-group`: the group the channel is given (mode 2770).
+    pub channel_group: Option<u32>,
 }
+
+/// The SDK's environment script, in the SDK directory.
+pub const ENV_SCRIPT: &str = "environment-setup-corei7-64-wrs-linux";
 
 /// How often the heartbeat file's mtime is refreshed.
 pub const HEARTBEAT_EVERY: Duration = Duration::from_secs(2);
@@ -52,7 +57,7 @@ const BATCH_TIME: Duration = Duration::from_millis(100);
 
 impl Settings {
     pub fn env_script(&self) -> PathBuf {
-        self.sdk_dir.join("environment-setup-corei7-64-wrs-linux")
+        self.sdk_dir.join(ENV_SCRIPT)
     }
 }
 
@@ -365,6 +370,9 @@ pub fn run(settings: Settings) -> Result<(), String> {
         .canonicalize()
         .map_err(|e| format!("workspace {}: {e}", settings.workspace.display()))?;
     let mut channel = Channel::new(settings.channel.clone());
+    if let Some(gid) = settings.channel_group {
+        channel.set_group(gid);
+    }
     channel
         .ensure()
         .map_err(|e| format!("cannot set up channel {}: {e}", settings.channel.display()))?;

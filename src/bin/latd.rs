@@ -18,8 +18,9 @@ use std::time::Duration;
 /// after the grace period) and exits 0.
 #[derive(FromArgs)]
 #[argh(
-    example = "latd                                   # as the container's entrypoint\nlatd --workspace /tmp/ws --sdk ./tests/sdk -d",
-    note = "Environment (a flag wins over its variable):\n  WORKSPACE_DIR     workspace root (default /localdisk)\n  LAT_CHANNEL_DIR   channel directory (default $WORKSPACE_DIR/channel)\n  LAT_SDK_DIR       LAT SDK directory (default /opt/LAT/SDK)\n  LATD_GRACE_SECS   seconds between SIGTERM and SIGKILL on stop (default 20)\n  LATD_POLL_MS      poll interval at rest (default 100)\n  RUST_LOG          log filter, e.g. debug (overridden by -d / -q)\n\nlatd logs to stderr. Requests are logged one line each to\n$LAT_CHANNEL_DIR/client_message_history (rotated at 1 MiB)."
+    example = "latd                                   # as the container's entrypoint\nlatd --workspace /tmp/ws --sdk ./tests/sdk -d  # by hand, from the source tree\nlatd --channel-group 1000              # builders of group 1000 use the channel",
+    note = "Environment (a flag wins over its variable):\n  WORKSPACE_DIR     workspace root (default /localdisk)\n  LAT_CHANNEL_DIR   channel directory (default $WORKSPACE_DIR/channel)\n  LAT_SDK_DIR       LAT SDK directory (default /opt/LAT/SDK)\n  LAT_CHANNEL_GROUP group (name or number) given the channel, mode 2770\n  LATD_GRACE_SECS   seconds between SIGTERM and SIGKILL on stop (default 20)\n  LATD_POLL_MS      poll interval at rest (default 100)\n  RUST_LOG          log filter, e.g. debug (overridden by -d / -q)\n\nRelative paths are made absolute (from the directory latd starts in) before\nlatd serves. latd refuses to start (exit 2) when the SDK directory has no\nenvironment-setup-corei7-64-wrs-linux.\n\nThe channel latd creates belongs to the owner of its parent directory, mode\n775: a builder running as that owner (or as root) can use it. With\n--channel-group G the channel (made or found) is given to group G with mode\n2770, so that every member of G, and no one else, can send requests: whoever\ncan write the channel can have latd run builds as root.\n\nlatd logs to stderr. Requests are logged one line each to\n$LAT_CHANNEL_DIR/client_message_history (rotated at 1 MiB).",
+    help_triggers("-h", "--help", "help")
 )]
 struct Args {
     /// workspace root: every workdir and YAML must lie under it
@@ -31,6 +32,10 @@ struct Args {
     /// LAT SDK directory (holds environment-setup-corei7-64-wrs-linux)
     #[argh(option)]
     sdk: Option<PathBuf>,
+    /// group (name or number) the channel is given, with mode 2770, so that
+    /// its members can use it
+    #[argh(option)]
+    channel_group: Option<String>,
     /// seconds a stopped build gets between SIGTERM and SIGKILL (default 20)
     #[argh(option)]
     grace: Option<f64>,
@@ -60,7 +65,7 @@ struct Args {
 }
 
 fn main() {
-    let args: Args = cli::parse_args();
+    let args: Args = cli::parse_args("latd");
     if args.version {
         println!("latd {}", env!("CARGO_PKG_VERSION"));
         return;
@@ -69,7 +74,7 @@ fn main() {
     let settings = match settings(args) {
         Ok(s) => s,
         Err(e) => {
-            log::error!("{e}");
+            cli::err_line(&format!("latd: error: {e}"));
             std::process::exit(2);
         }
     };
@@ -79,10 +84,54 @@ fn main() {
     }
 }
 
+/// `path` made absolute from the current directory, so that what latd was
+/// given still means the same in a build's working directory.
+fn absolute(path: PathBuf, what: &str) -> Result<PathBuf, String> {
+    std::path::absolute(&path)
+        .map_err(|e| format!("{what} {}: cannot make it absolute: {e}", path.display()))
+}
+
+/// A group by number, or by name from the group database.
+fn group_id(g: &str) -> Result<u32, String> {
+    if let Ok(n) = g.parse::<u32>() {
+        return Ok(n);
+    }
+    let name = std::ffi::CString::new(g).map_err(|_| format!("bad group name {g:?}"))?;
+    // SAFETY: getgrnam takes a NUL-terminated name; the result is read at
+    // once, before any other call could reuse it.
+    let gr = unsafe { libc::getgrnam(name.as_ptr()) };
+    if gr.is_null() {
+        return Err(format!(
+            "--channel-group {g}: no such group here (give its number: the builder's group need not exist in this container)"
+        ));
+    }
+    // SAFETY: gr is a valid group entry.
+    Ok(unsafe { (*gr).gr_gid })
+}
+
 fn settings(args: Args) -> Result<Settings, String> {
-    let workspace = cli::workspace(args.workspace);
-    let channel = cli::channel(args.channel, &workspace);
-    let sdk_dir = cli::path_setting(args.sdk, "LAT_SDK_DIR", || PathBuf::from(cli::DEFAULT_SDK));
+    let workspace = absolute(cli::workspace(args.workspace), "workspace")?;
+    let channel = absolute(cli::channel(args.channel, &workspace), "channel")?;
+    let sdk_dir = absolute(
+        cli::path_setting(args.sdk, "LAT_SDK_DIR", || PathBuf::from(cli::DEFAULT_SDK)),
+        "SDK directory",
+    )?;
+    let script = sdk_dir.join(latd::daemon::ENV_SCRIPT);
+    if !script.is_file() {
+        return Err(format!(
+            "{} is not a LAT SDK: it has no {} (give the SDK's directory with --sdk or LAT_SDK_DIR)",
+            sdk_dir.display(),
+            latd::daemon::ENV_SCRIPT
+        ));
+    }
+    let channel_group = match args
+        .channel_group
+        .or_else(|| std::env::var("LAT_CHANNEL_GROUP").ok())
+        .filter(|g| !g.is_empty())
+    {
+        Some(g) => Some(group_id(&g)?),
+        None => None,
+    };
     let secs = |v: f64, what: &str| {
         Duration::try_from_secs_f64(v)
             .ok()
@@ -106,6 +155,7 @@ fn settings(args: Args) -> Result<Settings, String> {
         idle_poll: idle_poll.max(Duration::from_millis(1)),
         busy_poll: busy_poll.max(Duration::from_micros(500)),
         allow_hack_cmd: args.allow_hack_cmd,
+        channel_group,
         history_cap: args.history.max(1),
     })
 }
