@@ -7,7 +7,10 @@
 set -euo pipefail
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$repo"
+echo "demo: compiling latd and latc in release mode (cargo build --release);"
+echo "demo: the first time this takes a few minutes, with nothing else shown"
 cargo build --release --quiet --bin latd --bin latc
+echo "demo: compiled; starting latd on a temporary workspace"
 bin="$repo/target/release"
 
 demo=$(mktemp -d "${TMPDIR:-/tmp}/latd-demo.XXXXXX")
@@ -27,7 +30,7 @@ until "$bin/latc" health; do sleep 0.05; done
 
 step() { printf '\n\033[1m$ %s\033[0m\n' "$*"; }
 step latc status;                         "$bin/latc" status
-step latc getyaml "| head -4";            "$bin/latc" getyaml | head -4
+step latc getyaml "| head -4";            "$bin/latc" getyaml > "$demo/example.yaml"; head -4 "$demo/example.yaml"
 step latc build --file lat.yaml --wait;   "$bin/latc" build --file "$WORKSPACE_DIR/lat.yaml" --wait
 step latc status --json;                  "$bin/latc" status --json
 step ls deploy;                           ls -l "$WORKSPACE_DIR/deploy"
