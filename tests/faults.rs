@@ -734,7 +734,7 @@ fn fifty_concurrent_latc_status_while_a_build_runs_and_is_stopped() {
     let mut logs = Vec::new();
     let mut wave = |statuses: &mut Vec<(usize, Child)>, n: usize| {
         for i in 0..25 {
-            statuses.push((n, spawn(&["status", "--timeout", "30"])));
+            statuses.push((n, spawn(&["status", "--json", "--timeout", "30"])));
             if i % 5 == 0 {
                 logs.push(spawn(&["logs", "--timeout", "30"]));
             }
@@ -755,7 +755,7 @@ fn fifty_concurrent_latc_status_while_a_build_runs_and_is_stopped() {
     for (i, (wave, c)) in statuses.into_iter().enumerate() {
         let o = c.wait_with_output().unwrap();
         assert_eq!(o.status.code(), Some(0), "status #{i}: {}", stderr(&o));
-        let doc: serde_yaml::Value = serde_yaml::from_slice(&o.stdout).unwrap_or_else(|e| {
+        let doc: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap_or_else(|e| {
             panic!(
                 "status #{i} printed no status document ({e}): {}",
                 stdout(&o)
