@@ -596,6 +596,12 @@ fn a_build_that_fails_before_the_sdk_logs_quotes_its_console_output() {
         text.contains("broken-sdk: the toolchain is not installed"),
         "{text}"
     );
+    let text = stdout(&env.latc(&["history"]));
+    assert!(text.contains("console.log begins:"), "{text}");
+    assert!(
+        !text.contains(&format!("see {}", missing.display())),
+        "{text}"
+    );
 }
 
 // ---------------------------------------------------------------------

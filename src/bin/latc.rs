@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 /// on stdout; latc's own messages go to stderr.
 #[derive(FromArgs)]
 #[argh(
-    example = "latc --file=/localdisk/lat.yaml build     # start a build\nlatc build --file lat.yaml --wait          # build, stream the log, exit with its result\nlatc status --json\nlatc logs --follow\nlatc stop",
+    example = "latc --file=/localdisk/lat.yaml build     # start a build\nlatc build --file lat.yaml --wait          # build, stream the log, exit with its result\nlatc status --json\nlatc logs -f                               # follow the log until the build ends\nlatc logs --build 12\nlatc stop",
     note = "Options --file, --channel, --workspace, --timeout, --json, -d and -q may come\nbefore or after the command; --name=value works as well as --name value.\n-f is --file, except after logs and wait, where it is --follow (as in tail -f).\n-t std and -t rt (a kernel type, in the latc of 2022) are accepted and ignored.\n\nEnvironment:\n  WORKSPACE_DIR    workspace, sent as workdir (default /localdisk)\n  LAT_CHANNEL_DIR  channel directory (default $WORKSPACE_DIR/channel)\n  LATC_TIMEOUT     default for --timeout, in seconds\n  RUST_LOG         log filter for latc's own messages\n\nExit codes:\n  0    success (an answered status is always 0)\n  1    the request was refused, or the build failed\n  2    bad command line\n  3    latd unreachable: not running, not alive, or no reply in time\n  4    the build was stopped\n  5    health only: latd's files cannot be looked at (permissions)\n  130  interrupted (Ctrl-C): latc detached, the build goes on\n  141  stdout was closed (SIGPIPE, e.g. | head): latc ended quietly;\n       a build it was waiting for goes on",
     help_triggers("-h", "--help", "help")
 )]
@@ -89,7 +89,7 @@ struct BuildCmd {
     stop_on_interrupt: bool,
 }
 
-/// Print latd's status document
+/// Print latd's status: the original two lines, then the build in words
 #[derive(FromArgs)]
 #[argh(
     subcommand,
@@ -1139,6 +1139,13 @@ fn history(client: &Client, json: bool, limit: usize) -> Result<i32, ClientError
         "ID", "STARTED", "DURATION", "RESULT", "YAML"
     );
     for b in shown {
+        // The console's quote is for the last build of a workdir only: an
+        // older build's console.log was replaced by a later one's.
+        let last_of_workdir = !all.iter().any(|o| o.workdir == b.workdir && o.id > b.id);
+        let reason = match reason_for_people(b) {
+            Some((r, _)) if last_of_workdir => r,
+            _ => b.fail_reason.clone().unwrap_or_else(|| "-".into()),
+        };
         text.push_str(&format!(
             "{:>5}  {:<23}  {:>9}  {:<9}  {:<30}  {}\n",
             b.id,
@@ -1146,7 +1153,7 @@ fn history(client: &Client, json: bool, limit: usize) -> Result<i32, ClientError
             human_duration(b.duration_ms(wall_now())),
             result_word(b.outcome),
             b.yaml_file.display(),
-            b.fail_reason.as_deref().unwrap_or("-")
+            reason
         ));
     }
     emit(text.as_bytes());
