@@ -516,6 +516,15 @@ fn relative_paths_work_and_an_sdk_without_its_script_is_refused() {
     let yaml = env.yaml("lat.yaml", "standin_duration: 0.3");
     let o = env.latc(&["build", "--file", yaml.to_str().unwrap(), "--wait"]);
     assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    // latc's side too: a relative workspace is sent absolute.
+    let o = env
+        .latc_cmd()
+        .current_dir(&env.root)
+        .env("WORKSPACE_DIR", "ws")
+        .args(["build", "--file", "ws/lat.yaml", "--wait"])
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
     d.signal(libc::SIGTERM);
     assert_eq!(d.wait_exit(Duration::from_secs(10)), Some(0));
 
@@ -598,6 +607,10 @@ fn a_build_that_fails_before_the_sdk_logs_quotes_its_console_output() {
     );
     let text = stdout(&env.latc(&["history"]));
     assert!(text.contains("console.log begins:"), "{text}");
+    let o = env.latc(&["logs"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains("No log file found"), "{}", stderr(&o));
+    assert!(stderr(&o).contains("log/console.log"), "{}", stderr(&o));
     assert!(
         !text.contains(&format!("see {}", missing.display())),
         "{text}"

@@ -411,7 +411,9 @@ fn main() {
         out.error("no command given; one of: build, status, stop, logs, clean, getyaml, wait, history, health (latc --help tells more)");
         std::process::exit(EXIT_USAGE);
     };
+    // Sent as workdir, which latd wants absolute.
     let workspace = cli::workspace(args.workspace.clone());
+    let workspace = std::path::absolute(&workspace).unwrap_or(workspace);
     let timeout = match cli::num_setting(args.timeout, "LATC_TIMEOUT", 60.0) {
         Ok(t) if t > 0.0 && t <= 86_400.0 * 365.0 => Duration::from_secs_f64(t),
         _ => {
@@ -447,12 +449,17 @@ fn run(client: &Client, args: &Args, command: Command, out: &Out) -> Result<i32,
                 return follow_current(client, true, false, out);
             }
             let reply = client.request(Action::Logs, None)?;
-            Ok(print_reply_file(
-                &reply,
-                reply.log_file_path.as_deref(),
-                "log",
-                out,
-            ))
+            let code = print_reply_file(&reply, reply.log_file_path.as_deref(), "log", out);
+            let console = client.workspace.join("log").join("console.log");
+            if reply.result == ReplyResult::Fail && console.is_file() {
+                // A build that failed before the SDK made its log left
+                // its error in the build's console output.
+                out.say(&format!(
+                    "the SDK wrote no log; the last build's own output is in {}",
+                    console.display()
+                ));
+            }
+            Ok(code)
         }
         Command::Clean(_) => {
             let reply = client.request(Action::Clean, None)?;
