@@ -1279,23 +1279,28 @@ impl Machine {
     }
 }
 
-/// The outcome of a build that ended by itself.
+/// The outcome of a build that ended by itself. The reason names the SDK's
+/// log and, for a build that failed before the SDK made one, the build's
+/// console output beside it: it never sends people to a log alone that
+/// may not exist.
 fn natural_outcome(exit: Exit, log: &std::path::Path) -> (Outcome, Option<String>) {
+    let see = match log.parent() {
+        Some(dir) => format!(
+            "see {} ({} if the SDK made no log)",
+            log.display(),
+            dir.join("console.log").display()
+        ),
+        None => format!("see {}", log.display()),
+    };
     match exit {
         Exit::Code(0) => (Outcome::Succeeded, None),
         Exit::Code(c) => (
             Outcome::Failed,
-            Some(format!(
-                "appsdk exited with code {c}; see {}",
-                log.display()
-            )),
+            Some(format!("appsdk exited with code {c}; {see}")),
         ),
         Exit::Signal(sig) => (
             Outcome::Failed,
-            Some(format!(
-                "appsdk was killed by signal {sig}; see {}",
-                log.display()
-            )),
+            Some(format!("appsdk was killed by signal {sig}; {see}")),
         ),
     }
 }

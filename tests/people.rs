@@ -607,6 +607,13 @@ fn a_build_that_fails_before_the_sdk_logs_quotes_its_console_output() {
     );
     let text = stdout(&env.latc(&["history"]));
     assert!(text.contains("console.log begins:"), "{text}");
+    // latd's own record names the console output too.
+    let s = env.status_json();
+    let reason = s["build"]["fail_reason"].as_str().unwrap();
+    assert!(
+        reason.contains("log/console.log if the SDK made no log"),
+        "{reason}"
+    );
     let o = env.latc(&["logs"]);
     assert_eq!(o.status.code(), Some(1));
     assert!(stderr(&o).contains("No log file found"), "{}", stderr(&o));
