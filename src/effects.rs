@@ -46,18 +46,25 @@ pub const JOB_VAR: &str = "LATD_JOB";
 /// Opens `workdir` beneath the workspace root and its `log/` directory,
 /// and creates `log/<out>` afresh; no step follows a symlink, so a workdir
 /// or log dir swapped for one after the request was checked is refused.
+/// The directories the SDK will write into (`also`: `deploy/` for a build,
+/// `exampleyamls/` for getyaml) are made the same way, so a symlink planted
+/// there beforehand is refused instead of sending root's writes (and the
+/// SDK's removals) out of the workspace.
 /// With `rotate`, the previous `log.appsdk` is kept as `log.appsdk.previous`.
 fn prepare(
     sdk: &SdkConfig,
     workdir: &Path,
     out: &str,
     rotate: bool,
+    also: &str,
 ) -> Result<(fs::File, fs::File), String> {
     use crate::fsutil;
     let dir = fsutil::open_dir_beneath(&sdk.root, workdir)
         .map_err(|e| format!("cannot open {}: {e}", workdir.display()))?;
     let log = fsutil::ensure_subdir_at(&dir, "log")
         .map_err(|e| format!("cannot use {}: {e}", workdir.join("log").display()))?;
+    fsutil::ensure_subdir_at(&dir, also)
+        .map_err(|e| format!("cannot use {}: {e}", workdir.join(also).display()))?;
     if rotate {
         match fsutil::rename_at(&log, "log.appsdk", "log.appsdk.previous") {
             Err(e) if e.kind() != io::ErrorKind::NotFound => {
@@ -180,7 +187,7 @@ impl Processes {
         build_id: u64,
         req: &BuildRequest,
     ) -> Result<(i32, ProcessId), String> {
-        let (dir, console) = prepare(sdk, &req.workdir, "console.log", true)?;
+        let (dir, console) = prepare(sdk, &req.workdir, "console.log", true, "deploy")?;
         let sub = match req.kind {
             BuildKind::Genimage => "genimage",
             BuildKind::Geninitramfs => "geninitramfs",
@@ -223,17 +230,18 @@ impl Processes {
 
     /// Starts `appsdk exampleyamls` in `workdir`.
     pub fn spawn_getyaml(&mut self, sdk: &SdkConfig, job: JobId, workdir: &Path) -> Option<Event> {
-        let spawned = prepare(sdk, workdir, "getyaml.log", false).and_then(|(dir, out)| {
-            let mut cmd = Command::new("bash");
-            cmd.args([
-                "-c",
-                ". \"$0\" && exec appsdk exampleyamls --pkg-type external-debian",
-            ])
-            .arg(&sdk.env_script);
-            configure(&mut cmd, &dir, out, sdk, &format!("getyaml-{}", job.0))
-                .and_then(|()| cmd.spawn())
-                .map_err(|e| format!("cannot run appsdk exampleyamls: {e}"))
-        });
+        let spawned =
+            prepare(sdk, workdir, "getyaml.log", false, "exampleyamls").and_then(|(dir, out)| {
+                let mut cmd = Command::new("bash");
+                cmd.args([
+                    "-c",
+                    ". \"$0\" && exec appsdk exampleyamls --pkg-type external-debian",
+                ])
+                .arg(&sdk.env_script);
+                configure(&mut cmd, &dir, out, sdk, &format!("getyaml-{}", job.0))
+                    .and_then(|()| cmd.spawn())
+                    .map_err(|e| format!("cannot run appsdk exampleyamls: {e}"))
+            });
         match spawned {
             Ok(child) => {
                 self.yaml_jobs

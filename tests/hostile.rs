@@ -523,6 +523,53 @@ fn junk_replies_cannot_refill_a_freed_disk() {
     );
 }
 
+/// Symlinks a workspace writer planted where the SDK will write as root
+/// (`deploy/` for a build, `exampleyamls/` for getyaml, whose first step
+/// deletes YAMLs there): refused, and nothing outside the workspace is
+/// touched.
+#[test]
+fn symlinks_planted_where_the_sdk_writes_are_refused() {
+    let env = TestEnv::new("planted");
+    let outside = env.root.join("outside");
+    fs::create_dir_all(&outside).unwrap();
+    fs::write(outside.join("keep.yaml"), b"precious: true\n").unwrap();
+    std::os::unix::fs::symlink(&outside, env.ws.join("deploy")).unwrap();
+    std::os::unix::fs::symlink(&outside, env.ws.join("exampleyamls")).unwrap();
+    let mut d = start_limited(&env, &env.ws);
+    let yaml = env.yaml("lat.yaml", "standin_duration: 0");
+    let o = env.latc(&["build", "--wait", "--file", yaml.to_str().unwrap()]);
+    assert!(
+        !o.status.success(),
+        "the build ran through deploy -> outside"
+    );
+    assert!(stderr(&o).contains("deploy"), "{}", stderr(&o));
+    let o = env.latc(&["getyaml"]);
+    assert!(
+        !o.status.success(),
+        "getyaml ran through exampleyamls -> outside"
+    );
+    assert!(stderr(&o).contains("exampleyamls"), "{}", stderr(&o));
+    let mut left: Vec<String> = fs::read_dir(&outside)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    left.sort();
+    assert_eq!(
+        left,
+        ["keep.yaml"],
+        "root wrote or removed outside the workspace"
+    );
+    assert_answers(&env, &env.ws, &mut d, "planted symlinks");
+    // Once they are real directories, both work.
+    fs::remove_file(env.ws.join("deploy")).unwrap();
+    fs::remove_file(env.ws.join("exampleyamls")).unwrap();
+    let o = env.latc(&["build", "--wait", "--file", yaml.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let o = env.latc(&["getyaml"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+}
+
 mod parser {
     use latd::protocol::parse_request;
     use proptest::prelude::*;
