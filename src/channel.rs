@@ -183,6 +183,10 @@ pub struct Channel {
     /// choice, followed.
     symlink_at_start: bool,
     symlink_warned: bool,
+    /// `--follow-channel-symlink`: a symlink at the channel's path at start
+    /// is the operator's choice and is followed; without it, it is set
+    /// aside (a client may have planted it) and a real directory made.
+    follow_symlink: bool,
     last_ensured: Option<Instant>,
     /// The channel is on a local filesystem, whose directory mtime can be
     /// trusted to tell that nothing changed (see [`Channel::unchanged`]).
@@ -243,6 +247,7 @@ impl Channel {
             held: None,
             via: dir.clone(),
             symlink_at_start: false,
+            follow_symlink: false,
             symlink_warned: false,
             last_ensured: None,
             local: false,
@@ -252,6 +257,34 @@ impl Channel {
 
     /// Gives the channel to group `gid` (mode 2770: the group's members, and
     /// only they, can use it; files made in it inherit the group).
+    pub fn follow_symlink(&mut self) {
+        self.follow_symlink = true;
+    }
+
+    /// At start, without `--follow-channel-symlink`: a symlink at the
+    /// channel's path is renamed aside (never followed), so a client cannot
+    /// send root's files elsewhere, nor stop latd from starting.
+    fn set_symlink_aside(&mut self) -> io::Result<()> {
+        let Ok(target) = fs::read_link(&self.dir) else {
+            return Ok(());
+        };
+        let secs = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        let mut aside = self.dir.clone().into_os_string();
+        aside.push(format!(".symlink-{secs}"));
+        fs::rename(&self.dir, &aside)?;
+        log::error!(
+            "{} was a symlink to {}: not followed (start latd with --follow-channel-symlink to serve where it points); moved it to {} and serving a new directory at {}",
+            self.dir.display(),
+            target.display(),
+            Path::new(&aside).display(),
+            self.dir.display()
+        );
+        Ok(())
+    }
+
     pub fn set_group(&mut self, gid: u32) {
         self.group = Some(gid);
     }
@@ -313,10 +346,14 @@ impl Channel {
     fn hold(&mut self) -> io::Result<()> {
         use std::os::fd::AsRawFd;
         let md = fs::symlink_metadata(&self.dir)?;
-        if md.file_type().is_symlink()
-            && (self.held.is_some() || self.set_up)
-            && !self.symlink_at_start
-        {
+        let at_start = self.held.is_none() && !self.set_up;
+        if md.file_type().is_symlink() && at_start && !self.follow_symlink {
+            // Put there between our setting it aside and now: refused.
+            return Err(io::Error::other(
+                "the channel's path is a symlink (not followed without --follow-channel-symlink)",
+            ));
+        }
+        if md.file_type().is_symlink() && !at_start && !self.symlink_at_start {
             if !self.symlink_warned {
                 self.symlink_warned = true;
                 log::error!(
@@ -378,6 +415,13 @@ impl Channel {
             return Ok(false);
         }
         self.last_ensured = Some(Instant::now());
+        if !self.set_up
+            && self.held.is_none()
+            && !self.follow_symlink
+            && fs::symlink_metadata(&self.dir).is_ok_and(|m| m.file_type().is_symlink())
+        {
+            self.set_symlink_aside()?;
+        }
         if fs::symlink_metadata(&self.dir).is_err() {
             if !self.set_up {
                 log::info!("creating channel {}", self.dir.display());

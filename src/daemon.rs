@@ -36,6 +36,8 @@ pub struct Settings {
     pub history_cap: usize,
     /// `--channel-group`: the group the channel is given (mode 2770).
     pub channel_group: Option<u32>,
+    /// Follow a symlink found at the channel's path at start.
+    pub follow_channel_symlink: bool,
 }
 
 /// The SDK's environment script, in the SDK directory.
@@ -370,6 +372,9 @@ pub fn run(settings: Settings) -> Result<(), String> {
         .canonicalize()
         .map_err(|e| format!("workspace {}: {e}", settings.workspace.display()))?;
     let mut channel = Channel::new(settings.channel.clone());
+    if settings.follow_channel_symlink {
+        channel.follow_symlink();
+    }
     if let Some(gid) = settings.channel_group {
         channel.set_group(gid);
     }

@@ -320,3 +320,67 @@ fn latc_says_that_a_latd_is_waiting_for_the_lock() {
         daemon_pid_in_status(&env) == Some(second.pid() as u64)
     });
 }
+
+/// A symlink at the channel's path before latd starts (a client's, before
+/// a restart) is not followed: it is moved aside and latd serves a real
+/// directory there; nothing of latd's appears where the symlink pointed.
+/// With `--follow-channel-symlink` the operator's symlink is followed.
+#[test]
+fn a_symlinked_channel_is_followed_only_when_the_operator_says_so() {
+    let env = TestEnv::new("chanlink");
+    let elsewhere = env.root.join("elsewhere");
+    fs::create_dir_all(&elsewhere).unwrap();
+    std::os::unix::fs::symlink(&elsewhere, &env.channel).unwrap();
+    let d = env.daemon();
+    assert_serves(&env, &d);
+    assert!(fs::symlink_metadata(&env.channel).unwrap().is_dir());
+    assert_eq!(
+        fs::read_dir(&elsewhere).unwrap().count(),
+        0,
+        "latd wrote where the planted symlink pointed"
+    );
+    let aside: Vec<_> = fs::read_dir(&env.ws)
+        .unwrap()
+        .flatten()
+        .filter(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .starts_with("channel.symlink-")
+        })
+        .collect();
+    assert_eq!(aside.len(), 1, "the symlink was not kept aside");
+    assert_eq!(fs::read_link(aside[0].path()).unwrap(), elsewhere);
+    assert!(env.daemon_log().contains("not followed"));
+    drop(d);
+
+    // The operator's choice.
+    fs::remove_dir_all(&env.channel).unwrap();
+    std::os::unix::fs::symlink(&elsewhere, &env.channel).unwrap();
+    let mut d = env.daemon_with(&["--grace", "2", "--follow-channel-symlink"]);
+    assert_serves(&env, &d);
+    assert!(elsewhere.join("latd.alive").is_file());
+    d.signal(libc::SIGTERM);
+    d.wait_exit(Duration::from_secs(10));
+    // (and by the environment)
+    fs::remove_file(&env.channel).unwrap();
+    std::os::unix::fs::symlink(&elsewhere, &env.channel).unwrap();
+    let log = fs::File::create(env.root.join("latd-env.log")).unwrap();
+    let child = std::process::Command::new(LATD)
+        .args(["--workspace", env.ws.to_str().unwrap()])
+        .args(["--sdk", sdk_dir().to_str().unwrap()])
+        .env("LAT_CHANNEL_FOLLOW_SYMLINK", "1")
+        .env_remove("LAT_CHANNEL_DIR")
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    let d = Daemon {
+        child: Some(child),
+        channel: elsewhere.clone(),
+    };
+    d.wait_serving();
+    assert!(fs::symlink_metadata(&env.channel)
+        .unwrap()
+        .file_type()
+        .is_symlink());
+}

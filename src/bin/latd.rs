@@ -19,7 +19,7 @@ use std::time::Duration;
 #[derive(FromArgs)]
 #[argh(
     example = "latd                                   # as the container's entrypoint\nlatd --workspace /tmp/ws --sdk ./tests/sdk -d  # by hand, from the source tree\nlatd --channel-group 1000              # builders of group 1000 use the channel",
-    note = "Environment (a flag wins over its variable):\n  WORKSPACE_DIR     workspace root (default /localdisk)\n  LAT_CHANNEL_DIR   channel directory (default $WORKSPACE_DIR/channel)\n  LAT_SDK_DIR       LAT SDK directory (default /opt/LAT/SDK)\n  LAT_CHANNEL_GROUP group (name or number) given the channel, mode 2770\n  LATD_GRACE_SECS   seconds between SIGTERM and SIGKILL on stop (default 20)\n  LATD_POLL_MS      poll interval at rest (default 100)\n  RUST_LOG          log filter, e.g. debug (overridden by -d / -q)\n\nRelative paths are made absolute (from the directory latd starts in) before\nlatd serves. latd refuses to start (exit 2) when the SDK directory has no\nenvironment-setup-corei7-64-wrs-linux.\n\nThe channel latd creates belongs to the owner of its parent directory, mode\n775: a builder running as that owner (or as root) can use it. With\n--channel-group G the channel (made or found) is given to group G with mode\n2770, so that every member of G, and no one else, can send requests: whoever\ncan write the channel can have latd run builds as root.\n\nlatd logs to stderr. Requests are logged one line each to\n$LAT_CHANNEL_DIR/client_message_history (rotated at 1 MiB).",
+    note = "Environment (a flag wins over its variable):\n  WORKSPACE_DIR     workspace root (default /localdisk)\n  LAT_CHANNEL_DIR   channel directory (default $WORKSPACE_DIR/channel)\n  LAT_SDK_DIR       LAT SDK directory (default /opt/LAT/SDK)\n  LAT_CHANNEL_GROUP group (name or number) given the channel, mode 2770\n  LAT_CHANNEL_FOLLOW_SYMLINK=1  as --follow-channel-symlink\n  LATD_GRACE_SECS   seconds between SIGTERM and SIGKILL on stop (default 20)\n  LATD_POLL_MS      poll interval at rest (default 100)\n  RUST_LOG          log filter, e.g. debug (overridden by -d / -q)\n\nRelative paths are made absolute (from the directory latd starts in) before\nlatd serves. latd refuses to start (exit 2) when the SDK directory has no\nenvironment-setup-corei7-64-wrs-linux.\n\nThe channel latd creates belongs to the owner of its parent directory, mode\n775: a builder running as that owner (or as root) can use it. With\n--channel-group G the channel (made or found) is given to group G with mode\n2770, so that every member of G, and no one else, can send requests: whoever\ncan write the channel can have latd run builds as root.\n\nlatd logs to stderr. Requests are logged one line each to\n$LAT_CHANNEL_DIR/client_message_history (rotated at 1 MiB).",
     help_triggers("-h", "--help", "help")
 )]
 struct Args {
@@ -49,6 +49,10 @@ struct Args {
     /// how many finished builds `latc history` keeps (default 50)
     #[argh(option, default = "50")]
     history: usize,
+    /// serve the directory a symlink at the channel's path points to (by
+    /// default such a symlink is moved aside: a client may have planted it)
+    #[argh(switch)]
+    follow_channel_symlink: bool,
     /// let <workspace>/hack/lat-genimage-cmd replace the build command (a
     /// debugging aid; logs a warning each time it is used)
     #[argh(switch)]
@@ -156,6 +160,9 @@ fn settings(args: Args) -> Result<Settings, String> {
         busy_poll: busy_poll.max(Duration::from_micros(500)),
         allow_hack_cmd: args.allow_hack_cmd,
         channel_group,
+        follow_channel_symlink: args.follow_channel_symlink
+            || std::env::var("LAT_CHANNEL_FOLLOW_SYMLINK")
+                .is_ok_and(|v| v == "1" || v == "yes" || v == "true"),
         history_cap: args.history.max(1),
     })
 }
