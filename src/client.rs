@@ -175,10 +175,14 @@ impl Client {
     ) -> Result<Reply, ClientError> {
         self.check_alive()?;
         let id = request_id();
+        // latd will not act on the request once we have stopped waiting (a
+        // latd started later must not run a build nobody waits for).
+        let expires_at = crate::clock::wall_now().saturating_add(timeout.as_millis() as u64);
         let text = protocol::render_request(
             action,
             &self.workspace.to_string_lossy(),
             yaml_file.map(|y| y.to_string_lossy()).as_deref(),
+            Some(expires_at),
         );
         let req_name = format!(
             "{}{id}{}",
@@ -201,6 +205,8 @@ impl Client {
             ))
         })?;
         log::debug!("sent {req_name}");
+        // Withdrawn on every way out of here, unless latd took it already.
+        let _pending = Withdraw(self.channel.join(&req_name));
         fsutil::poke(&self.channel.join(protocol::WAKE_FIFO));
         let rep_path = self.channel.join(&rep_name);
         let start = Instant::now();
@@ -223,8 +229,6 @@ impl Client {
             }
             let waited = start.elapsed();
             if waited >= timeout {
-                // Withdraw the request if latd has not taken it yet.
-                let _ = fs::remove_file(self.channel.join(&req_name));
                 return Err(ClientError::Unreachable(format!(
                     "no reply from latd within {:.1}s (raise it with --timeout); {}",
                     timeout.as_secs_f64(),
@@ -308,6 +312,16 @@ impl Client {
     }
 }
 
+/// Removes a request file when dropped: a request its client no longer
+/// waits for is withdrawn (if latd took it already, nothing is left to do).
+struct Withdraw(PathBuf);
+
+impl Drop for Withdraw {
+    fn drop(&mut self) {
+        let _ = fs::remove_file(&self.0);
+    }
+}
+
 /// latc's exit code for a build that ended.
 pub fn exit_code_for(outcome: Outcome) -> i32 {
     match outcome {
@@ -319,7 +333,8 @@ pub fn exit_code_for(outcome: Outcome) -> i32 {
 }
 
 /// Follows a log file like `tail -f`, coping with it being replaced (a new
-/// build renames the old log away and starts a fresh one).
+/// build renames the old log away and starts a fresh one, or, with the
+/// real SDK, points the `log.appsdk` symlink at a new file).
 pub struct LogFollower {
     path: PathBuf,
     file: Option<fs::File>,
@@ -344,15 +359,18 @@ impl LogFollower {
     pub fn poll(&mut self, flush: bool) -> Vec<String> {
         use std::io::{Read, Seek, SeekFrom};
         use std::os::unix::fs::MetadataExt;
-        let md = fs::metadata(&self.path).ok();
+        // Opened afresh each time (cheap), by the same rule as latd's: the
+        // log or the file beside it that its symlink names.
+        let now = fsutil::open_log(&self.path).ok().map(|(f, _)| f);
+        let md = now.as_ref().and_then(|f| f.metadata().ok());
         let replaced = match (&md, &self.file) {
             (Some(md), Some(_)) => md.ino() != self.ino || md.len() < self.pos,
             (Some(_), None) => true,
             (None, _) => false,
         };
         if replaced {
-            if let Ok(f) = fs::File::open(&self.path) {
-                self.ino = f.metadata().map(|m| m.ino()).unwrap_or(0);
+            if let (Some(f), Some(md)) = (now, md) {
+                self.ino = md.ino();
                 self.file = Some(f);
                 self.pos = 0;
                 self.partial.clear();

@@ -8,8 +8,9 @@ use crate::channel::{Channel, Slot};
 use crate::clock::{iso8601, Clock};
 use crate::effects::{self, Processes, SdkConfig};
 use crate::lock;
-use crate::machine::{self, Effect, Event, Machine, ReqId, StateKind};
+use crate::machine::{self, BuildRecord, Effect, Event, Machine, Recovered, ReqId, StateKind};
 use crate::protocol;
+use crate::sdklog;
 use std::collections::{HashMap, VecDeque};
 use std::fs;
 use std::io::{self, Read};
@@ -418,30 +419,7 @@ pub fn run(settings: Settings) -> Result<(), String> {
     // (it was killed, or crashed) carries the channel's mark: kill it. The
     // state file names pids too, but it lies in the shared channel, and a
     // pid in it is not proof enough to kill.
-    let mut stray = effects::kill_tagged(&tag);
-    if persisted.current.is_some() {
-        // A child forked just before the old latd died shows the mark only
-        // once it has exec'd: look again after a moment.
-        std::thread::sleep(Duration::from_millis(200));
-        stray += effects::kill_tagged(&tag);
-    }
-    let interrupted = match persisted.current.as_ref() {
-        Some(b) => {
-            let what = if stray > 0 {
-                format!("its {stray} leftover processes were killed")
-            } else {
-                "none of its processes were left".to_string()
-            };
-            log::warn!("build {} was running when latd stopped; {what}", b.id);
-            format!("interrupted: latd was restarted while this build ran; {what}")
-        }
-        None => {
-            if stray > 0 {
-                log::warn!("killed {stray} processes a previous latd left behind");
-            }
-            String::new()
-        }
-    };
+    let recovered = recover(&tag, persisted.current.as_ref(), settings.grace);
     channel.clear_stale();
     let config = machine::Config {
         grace_ms: settings.grace.as_millis() as u64,
@@ -451,7 +429,7 @@ pub fn run(settings: Settings) -> Result<(), String> {
         version: env!("CARGO_PKG_VERSION").to_string(),
         started_at: now,
     };
-    let machine = Machine::new(config, persisted, now, &interrupted);
+    let machine = Machine::new(config, persisted, now, recovered);
     let (jobs_tx, jobs_rx) = mpsc::channel();
     let mut d = Daemon {
         sdk: SdkConfig {
@@ -519,6 +497,53 @@ pub fn run(settings: Settings) -> Result<(), String> {
     Ok(())
 }
 
+/// Deals with what a previous latd on this channel left running (it was
+/// killed, or crashed), and reads what the build it ran logged. A build
+/// whose SDK had logged its success line gets the grace period to finish
+/// its deploy; everything else that carries the channel's mark is killed.
+fn recover(tag: &str, current: Option<&BuildRecord>, grace: Duration) -> Recovered {
+    let read_log = |b: &BuildRecord| {
+        b.sdk_log
+            .iter()
+            .chain(std::iter::once(&b.log_file))
+            .find_map(|p| sdklog::scan_path(p).ok())
+            .unwrap_or_default()
+    };
+    if let Some(b) = current {
+        let log = read_log(b);
+        if (b.success_logged || log.success) && !effects::tagged(tag).is_empty() {
+            log::warn!(
+                "build {} had logged its success when latd stopped; waiting up to {} s for its SDK to finish",
+                b.id,
+                grace.as_secs()
+            );
+            let until = Instant::now() + grace;
+            while Instant::now() < until && !effects::tagged(tag).is_empty() {
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+    }
+    let mut killed = effects::kill_tagged(tag);
+    let Some(b) = current else {
+        if killed > 0 {
+            log::warn!("killed {killed} processes a previous latd left behind");
+        }
+        return Recovered::default();
+    };
+    // A child forked just before the old latd died shows the mark only once
+    // it has exec'd: look again after a moment.
+    std::thread::sleep(Duration::from_millis(200));
+    killed += effects::kill_tagged(tag);
+    log::warn!(
+        "build {} was running when latd stopped; {killed} of its processes were left and killed",
+        b.id
+    );
+    Recovered {
+        killed,
+        log: read_log(b),
+    }
+}
+
 impl Daemon {
     fn tick(&mut self, wakeup: &mut Wakeup, shutdown_sent: &mut bool) {
         let made = self.channel.ensure().unwrap_or(false);
@@ -532,6 +557,9 @@ impl Daemon {
         }
         // Children are reaped when SIGCHLD says so, every tick while a
         // build is tracked (its group is watched), and once a second anyway.
+        if let Some(e) = self.procs.watch_log() {
+            self.feed(e);
+        }
         if self.signalled || self.procs.build_running() || self.last_reap.elapsed() >= REAP_EVERY {
             self.last_reap = Instant::now();
             for e in self.procs.reap() {
@@ -570,7 +598,7 @@ impl Daemon {
         self.next_req += 1;
         let checked = inc
             .parsed
-            .and_then(|raw| crate::validate::check(raw, &self.root));
+            .and_then(|raw| crate::validate::check(raw, &self.root, self.clock.now()));
         self.slots.insert(id, (inc.slot.clone(), checked.is_err()));
         let event = match checked {
             Ok(request) => {
@@ -663,6 +691,10 @@ impl Daemon {
             Effect::StartGetYaml { job, workdir } => {
                 log::info!("running appsdk exampleyamls in {}", workdir.display());
                 self.procs.spawn_getyaml(&self.sdk, job, &workdir)
+            }
+            Effect::ReleaseMounts { build_id } => {
+                self.procs.release_mounts(build_id, &self.root);
+                None
             }
             Effect::CancelJob { job } => {
                 self.procs.cancel_job(job);

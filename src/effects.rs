@@ -2,7 +2,11 @@
 //! removes trees, saves state. Outcomes come back as [`Event`]s. No
 //! decisions are taken here beyond how to carry an effect out.
 
-use crate::machine::{BuildKind, BuildRequest, Event, Exit, JobId, Persisted, ProcessId, Sig};
+use crate::machine::{
+    BuildKind, BuildRequest, Event, Exit, JobId, LogNews, Persisted, ProcessId, Sig,
+};
+use crate::mounts;
+use crate::sdklog::{self, LogWatch};
 use std::collections::HashMap;
 use std::fs;
 use std::io;
@@ -50,14 +54,16 @@ pub const JOB_VAR: &str = "LATD_JOB";
 /// `exampleyamls/` for getyaml) are made the same way, so a symlink planted
 /// there beforehand is refused instead of sending root's writes (and the
 /// SDK's removals) out of the workspace.
-/// With `rotate`, the previous `log.appsdk` is kept as `log.appsdk.previous`.
+/// With `rotate`, the previous `log.appsdk` is kept as `log.appsdk.previous`
+/// and old `log.appsdk_<secs>` files beyond [`sdklog::KEEP_LOGS`] go.
+/// Returns the workdir, the output file and the log directory.
 fn prepare(
     sdk: &SdkConfig,
     workdir: &Path,
     out: &str,
     rotate: bool,
     also: &str,
-) -> Result<(fs::File, fs::File), String> {
+) -> Result<(fs::File, fs::File, fs::File), String> {
     use crate::fsutil;
     let dir = fsutil::open_dir_beneath(&sdk.root, workdir)
         .map_err(|e| format!("cannot open {}: {e}", workdir.display()))?;
@@ -66,12 +72,13 @@ fn prepare(
     fsutil::ensure_subdir_at(&dir, also)
         .map_err(|e| format!("cannot use {}: {e}", workdir.join(also).display()))?;
     if rotate {
-        match fsutil::rename_at(&log, "log.appsdk", "log.appsdk.previous") {
+        match fsutil::rename_at(&log, sdklog::LOG_NAME, "log.appsdk.previous") {
             Err(e) if e.kind() != io::ErrorKind::NotFound => {
                 log::warn!("cannot keep the previous log: {e}")
             }
             _ => {}
         }
+        sdklog::prune(&log, sdklog::KEEP_LOGS);
     }
     let file = fsutil::create_fresh_at(&log, out, 0o644).map_err(|e| {
         format!(
@@ -79,7 +86,7 @@ fn prepare(
             workdir.join("log").join(out).display()
         )
     })?;
-    Ok((dir, file))
+    Ok((dir, file, log))
 }
 
 /// Sets up `cmd` to run in the directory `dir` (entered by descriptor, not
@@ -129,7 +136,7 @@ pub fn example_yaml(workdir: &Path) -> PathBuf {
 struct RunningBuild {
     build_id: u64,
     pgid: i32,
-    log_file: PathBuf,
+    log: LogWatch,
     leader_exit: Option<Exit>,
     exit_reported: bool,
     /// SIGKILL was asked for: repeated until nothing of the build is left.
@@ -142,6 +149,9 @@ struct RunningBuild {
 pub struct Processes {
     /// Tracked from spawn until no process of its group remains.
     build: Option<RunningBuild>,
+    /// What was mounted under the last build's workdir before it started;
+    /// kept until the machine asks for the build's mounts to go.
+    mounts: Option<(u64, mounts::Snapshot)>,
     yaml_jobs: HashMap<i32, (JobId, PathBuf)>,
 }
 
@@ -157,12 +167,14 @@ impl Processes {
 
     /// Starts a build in its own process group, output kept in `log/`.
     pub fn spawn_build(&mut self, sdk: &SdkConfig, build_id: u64, req: &BuildRequest) -> Event {
+        let snapshot = mounts::Snapshot::take(&req.workdir);
         match self.try_spawn_build(sdk, build_id, req) {
-            Ok((pid, process)) => {
+            Ok((pid, process, log)) => {
+                self.mounts = Some((build_id, snapshot));
                 self.build = Some(RunningBuild {
                     build_id,
                     pgid: pid,
-                    log_file: req.workdir.join("log").join("log.appsdk"),
+                    log,
                     leader_exit: None,
                     exit_reported: false,
                     killing: false,
@@ -186,8 +198,9 @@ impl Processes {
         sdk: &SdkConfig,
         build_id: u64,
         req: &BuildRequest,
-    ) -> Result<(i32, ProcessId), String> {
-        let (dir, console) = prepare(sdk, &req.workdir, "console.log", true, "deploy")?;
+    ) -> Result<(i32, ProcessId, LogWatch), String> {
+        let (dir, console, log_dir) = prepare(sdk, &req.workdir, "console.log", true, "deploy")?;
+        let log = LogWatch::new(log_dir, req.workdir.join("log"));
         let sub = match req.kind {
             BuildKind::Genimage => "genimage",
             BuildKind::Geninitramfs => "geninitramfs",
@@ -225,13 +238,14 @@ impl Processes {
                 pid: pid as u32,
                 start_ticks,
             },
+            log,
         ))
     }
 
     /// Starts `appsdk exampleyamls` in `workdir`.
     pub fn spawn_getyaml(&mut self, sdk: &SdkConfig, job: JobId, workdir: &Path) -> Option<Event> {
-        let spawned =
-            prepare(sdk, workdir, "getyaml.log", false, "exampleyamls").and_then(|(dir, out)| {
+        let spawned = prepare(sdk, workdir, "getyaml.log", false, "exampleyamls").and_then(
+            |(dir, out, _)| {
                 let mut cmd = Command::new("bash");
                 cmd.args([
                     "-c",
@@ -241,7 +255,8 @@ impl Processes {
                 configure(&mut cmd, &dir, out, sdk, &format!("getyaml-{}", job.0))
                     .and_then(|()| cmd.spawn())
                     .map_err(|e| format!("cannot run appsdk exampleyamls: {e}"))
-            });
+            },
+        );
         match spawned {
             Ok(child) => {
                 self.yaml_jobs
@@ -409,6 +424,14 @@ impl Processes {
                 let alive = group_alive(b.pgid) || escapees;
                 if !b.exit_reported {
                     b.exit_reported = true;
+                    // Whatever the SDK logged last is known before its exit.
+                    let news = b.log.poll(None);
+                    if news != LogNews::default() {
+                        events.push(Event::LogRead {
+                            build_id: b.build_id,
+                            news,
+                        });
+                    }
                     log::info!(
                         "build {}: appsdk ended ({})",
                         b.build_id,
@@ -418,7 +441,6 @@ impl Processes {
                         build_id: b.build_id,
                         exit,
                         group_alive: alive,
-                        deployed: log_shows_success(&b.log_file),
                     });
                 }
                 if !alive {
@@ -436,29 +458,38 @@ impl Processes {
     pub fn build_running(&self) -> bool {
         self.build.is_some()
     }
-}
 
-/// The SDK's last log line on success.
-pub const SUCCESS_LINE: &str = "DEBUG: Deploy ovmf.qcow2";
-
-/// Has the SDK logged its success line? (Reads only the log's tail.)
-fn log_shows_success(log: &Path) -> bool {
-    use std::io::{Read, Seek, SeekFrom};
-    let Ok(mut f) = crate::fsutil::open_regular_read(log) else {
-        return false;
-    };
-    let len = f.metadata().map(|m| m.len()).unwrap_or(0);
-    let mut tail = Vec::new();
-    if f.seek(SeekFrom::Start(len.saturating_sub(4096))).is_err()
-        || f.read_to_end(&mut tail).is_err()
-    {
-        return false;
+    /// What the running build's SDK logged since the last look (at most a
+    /// few MiB per call, so a huge log cannot stall the loop).
+    pub fn watch_log(&mut self) -> Option<Event> {
+        let b = self.build.as_mut().filter(|b| b.leader_exit.is_none())?;
+        let news = b.log.poll(Some(4 << 20));
+        (news != LogNews::default()).then_some(Event::LogRead {
+            build_id: b.build_id,
+            news,
+        })
     }
-    // Not necessarily the last line: the SDK logs its SIGTERM handling
-    // after it, when the stop caught it exiting.
-    String::from_utf8_lossy(&tail)
-        .lines()
-        .any(|l| l.trim_end() == SUCCESS_LINE)
+
+    /// Unmounts what build `build_id` left under its workdir.
+    pub fn release_mounts(&mut self, build_id: u64, root: &Path) {
+        let Some((id, snapshot)) = self.mounts.take() else {
+            return;
+        };
+        if id != build_id {
+            self.mounts = Some((id, snapshot));
+            return;
+        }
+        let (done, failed) = snapshot.release(root);
+        for p in done {
+            log::info!(
+                "build {build_id}: unmounted {} (left by the build)",
+                p.display()
+            );
+        }
+        for (p, e) in failed {
+            log::error!("build {build_id}: cannot unmount {}: {e}", p.display());
+        }
+    }
 }
 
 /// Every descendant of this process, from /proc.
@@ -555,28 +586,39 @@ pub fn process_start_ticks(pid: i32) -> Option<u64> {
 /// killed between the fork and saving the pid) or that left the build's
 /// process group. Returns how many were killed.
 pub fn kill_tagged(tag: &str) -> usize {
-    let me = std::process::id();
-    let mut killed = 0;
-    let Ok(procs) = fs::read_dir("/proc") else {
-        return 0;
-    };
-    for p in procs.flatten() {
-        let Some(pid) = p.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
-            continue;
-        };
-        if pid == me {
-            continue;
-        }
-        if env_of(pid as i32, TAG_VAR).as_deref() == Some(tag) {
-            log::warn!("killing pid {pid}, left by a previous latd on this channel");
-            // SAFETY: kill has no memory effects.
-            unsafe {
-                libc::kill(pid as i32, libc::SIGKILL);
-            }
-            killed += 1;
+    let pids = tagged(tag);
+    for &pid in &pids {
+        log::warn!("killing pid {pid}, left by a previous latd on this channel");
+        // SAFETY: kill has no memory effects.
+        unsafe {
+            libc::kill(pid, libc::SIGKILL);
         }
     }
-    killed
+    pids.len()
+}
+
+/// The live processes (not zombies) that carry `TAG_VAR=tag`, but this one.
+pub fn tagged(tag: &str) -> Vec<i32> {
+    let me = std::process::id() as i32;
+    let Ok(procs) = fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    procs
+        .flatten()
+        .filter_map(|p| p.file_name().to_str().and_then(|s| s.parse::<i32>().ok()))
+        .filter(|&pid| pid != me && !is_zombie(pid))
+        .filter(|&pid| env_of(pid, TAG_VAR).as_deref() == Some(tag))
+        .collect()
+}
+
+fn is_zombie(pid: i32) -> bool {
+    fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| {
+            s.rfind(')')
+                .map(|i| s[i + 1..].trim_start().starts_with('Z'))
+        })
+        .unwrap_or(true)
 }
 
 /// Removes `CLEAN_DIRS` under `workdir` (below the workspace `root`) in a

@@ -422,3 +422,112 @@ pub fn remove_if_present(path: &Path) -> io::Result<()> {
         _ => Ok(()),
     }
 }
+
+/// The name a symlink `name` in `dir` points to, read through the
+/// descriptor.
+pub fn read_link_at(dir: &File, name: &str) -> io::Result<std::ffi::OsString> {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::ffi::OsStringExt;
+    let c = cstr(std::ffi::OsStr::new(name))?;
+    let mut buf = vec![0u8; 4096];
+    // SAFETY: valid fd, NUL-terminated name, and a buffer of buf.len() bytes.
+    let n = unsafe {
+        libc::readlinkat(
+            dir.as_raw_fd(),
+            c.as_ptr(),
+            buf.as_mut_ptr().cast(),
+            buf.len(),
+        )
+    };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    buf.truncate(n as usize);
+    Ok(std::ffi::OsString::from_vec(buf))
+}
+
+/// Opens the SDK's log `name` (`log.appsdk`) in the log directory `dir`.
+/// The real SDK makes it a relative symlink to `log.appsdk_<secs>` in the
+/// same directory; that one step is followed, and nothing else: a symlink
+/// to any other place, a FIFO or a directory is refused, so a client who
+/// owns the workspace cannot point root at another file. Returns the file
+/// and the name of the file opened.
+pub fn open_log_at(dir: &File, name: &str) -> io::Result<(File, String)> {
+    let open = |n: &str| {
+        open_at(
+            dir,
+            std::ffi::OsStr::new(n),
+            libc::O_RDONLY | libc::O_NONBLOCK,
+            0,
+        )
+        .and_then(regular)
+    };
+    match open(name) {
+        Err(e) if e.raw_os_error() == Some(libc::ELOOP) => {
+            let target = read_link_at(dir, name)?;
+            let target = target.to_str().filter(|t| plain_name(t)).ok_or_else(|| {
+                io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    format!(
+                        "{name} is a symlink to {}, not to a file beside it; refused",
+                        Path::new(&target).display()
+                    ),
+                )
+            })?;
+            Ok((open(target)?, target.to_string()))
+        }
+        other => other.map(|f| (f, name.to_string())),
+    }
+}
+
+/// A file name with no directory part (and not `.` or `..`).
+fn plain_name(name: &str) -> bool {
+    !name.is_empty() && !name.contains('/') && name != "." && name != ".."
+}
+
+/// [`open_log_at`] by path: `log` is `<workdir>/log/log.appsdk`. Returns
+/// the file and the path of the file opened.
+pub fn open_log(log: &Path) -> io::Result<(File, std::path::PathBuf)> {
+    let (Some(dir), Some(name)) = (log.parent(), log.file_name().and_then(|n| n.to_str())) else {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "not a file path",
+        ));
+    };
+    let d = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_DIRECTORY)
+        .open(dir)?;
+    let (f, opened) = open_log_at(&d, name)?;
+    Ok((f, dir.join(opened)))
+}
+
+/// The effective user id of this process.
+pub fn euid() -> u32 {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() }
+}
+
+/// A path that reaches `name` in the directory held open as `dir`, without
+/// resolving the directory's own path again.
+fn via_fd(dir: &File, name: &str) -> std::path::PathBuf {
+    use std::os::fd::AsRawFd;
+    Path::new(&format!("/proc/self/fd/{}", dir.as_raw_fd())).join(name)
+}
+
+/// The names in the directory held open as `dir` (unreadable ones left
+/// out; names that are not UTF-8 too: none of ours is).
+pub fn dir_entries(dir: &File) -> Vec<String> {
+    fs::read_dir(via_fd(dir, ""))
+        .map(|rd| {
+            rd.flatten()
+                .filter_map(|e| e.file_name().into_string().ok())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// The attributes of `name` in `dir`, not following a symlink.
+pub fn lstat_at(dir: &File, name: &str) -> io::Result<fs::Metadata> {
+    fs::symlink_metadata(via_fd(dir, name))
+}

@@ -6,6 +6,8 @@
 //! - [`machine`]: the daemon's logic as a pure state machine (no I/O, no clock);
 //! - [`diagram`]: the state diagram, generated from [`machine::rule`];
 //! - [`effects`]: performs what the machine asks: files, processes, signals;
+//! - [`sdklog`]: the SDK's log: its real file, success line and errors;
+//! - [`mounts`]: unmounts what a build left mounted under its workdir;
 //! - [`tree`]: removes a tree without following symlinks or crossing mounts;
 //! - [`channel`]: reads requests from the channel dir and writes replies;
 //! - [`daemon`]: the poll loop that ties them together (`latd`);
@@ -23,7 +25,9 @@ pub mod effects;
 pub mod fsutil;
 pub mod lock;
 pub mod machine;
+pub mod mounts;
 pub mod protocol;
+pub mod sdklog;
 pub mod tree;
 pub mod validate;
 pub mod yaml_limits;

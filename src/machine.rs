@@ -27,7 +27,7 @@
 //!     version: "test".into(),
 //!     started_at: 0,
 //! };
-//! let mut m = Machine::new(config, Persisted::default(), 0, "");
+//! let mut m = Machine::new(config, Persisted::default(), 0, Recovered::default());
 //! let build = BuildRequest {
 //!     workdir: "/w".into(),
 //!     yaml_file: "/w/lat.yaml".into(),
@@ -95,9 +95,11 @@ pub enum Request {
     Build(BuildRequest),
     Status,
     Stop,
-    /// The driver looked for the log: its path, or why there is none.
+    /// The log of a workdir: `<workdir>/log/log.appsdk`, and why it cannot
+    /// be opened, if it cannot (the driver looked).
     Logs {
-        log_file: Result<PathBuf, String>,
+        path: PathBuf,
+        missing: Option<String>,
     },
     Clean {
         workdir: PathBuf,
@@ -126,6 +128,28 @@ impl Request {
 pub enum Exit {
     Code(i32),
     Signal(i32),
+}
+
+/// What the driver read in the SDK's log since it last looked (only from
+/// the file the SDK itself created, held open from when it appeared).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct LogNews {
+    /// The SDK's log file appeared (the target of `log.appsdk`).
+    pub file: Option<PathBuf>,
+    /// A line containing the success marker was logged.
+    pub success: bool,
+    /// The first line containing the failure marker.
+    pub error: Option<String>,
+}
+
+/// What the next daemon found of a build that was running when the last
+/// one died.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Recovered {
+    /// Its processes that were still running and were killed.
+    pub killed: usize,
+    /// What its log shows, if it could be read.
+    pub log: LogNews,
 }
 
 /// Identity of a started build process, kept so that a restarted daemon can
@@ -167,6 +191,17 @@ pub struct BuildRecord {
     pub fail_reason: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub process: Option<ProcessId>,
+    /// The file the SDK logs to (`log.appsdk` is a symlink to it), once it
+    /// has appeared.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sdk_log: Option<PathBuf>,
+    /// The SDK logged its success line: the image is built and it is
+    /// finishing its deploy.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub success_logged: bool,
+    /// The first line of the SDK's log that reports an error.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error_line: Option<String>,
 }
 
 impl BuildRecord {
@@ -236,6 +271,9 @@ pub enum Effect {
     StartClean { job: JobId, workdir: PathBuf },
     /// Run `appsdk exampleyamls` in `workdir`; report [`Event::YamlDone`].
     StartGetYaml { job: JobId, workdir: PathBuf },
+    /// Unmount what build `build_id` left mounted under its workdir (none
+    /// of its processes remain); mounts that were there before it stay.
+    ReleaseMounts { build_id: u64 },
     /// Kill a background job that overran its time (no outcome expected).
     CancelJob { job: JobId },
     /// Write `status.lat`.
@@ -267,13 +305,17 @@ pub enum Event {
         build_id: u64,
         reason: String,
     },
-    /// The build's leader was reaped; `group_alive` if others remain;
-    /// `deployed` if the SDK's log ends with its success line.
+    /// What the build's SDK log showed since the last look (reported
+    /// before the build's exit, and once more with what it logged last).
+    LogRead {
+        build_id: u64,
+        news: LogNews,
+    },
+    /// The build's leader was reaped; `group_alive` if others remain.
     BuildExited {
         build_id: u64,
         exit: Exit,
         group_alive: bool,
-        deployed: bool,
     },
     /// No process of the build's group remains.
     GroupGone {
@@ -330,6 +372,7 @@ pub enum EventKind {
     Invalid,
     Spawned,
     SpawnFailed,
+    LogRead,
     BuildExited,
     GroupGone,
     CleanDone,
@@ -339,7 +382,7 @@ pub enum EventKind {
 }
 
 impl EventKind {
-    pub const ALL: [EventKind; 15] = [
+    pub const ALL: [EventKind; 16] = [
         EventKind::Build,
         EventKind::Status,
         EventKind::Stop,
@@ -349,6 +392,7 @@ impl EventKind {
         EventKind::Invalid,
         EventKind::Spawned,
         EventKind::SpawnFailed,
+        EventKind::LogRead,
         EventKind::BuildExited,
         EventKind::GroupGone,
         EventKind::CleanDone,
@@ -368,6 +412,7 @@ impl EventKind {
             EventKind::Invalid => "invalid",
             EventKind::Spawned => "spawned",
             EventKind::SpawnFailed => "spawn-failed",
+            EventKind::LogRead => "log-read",
             EventKind::BuildExited => "build-exited",
             EventKind::GroupGone => "group-gone",
             EventKind::CleanDone => "clean-done",
@@ -392,6 +437,7 @@ impl Event {
             Event::Invalid { .. } => EventKind::Invalid,
             Event::Spawned { .. } => EventKind::Spawned,
             Event::SpawnFailed { .. } => EventKind::SpawnFailed,
+            Event::LogRead { .. } => EventKind::LogRead,
             Event::BuildExited { .. } => EventKind::BuildExited,
             Event::GroupGone { .. } => EventKind::GroupGone,
             Event::CleanDone { .. } => EventKind::CleanDone,
@@ -418,12 +464,17 @@ pub enum Does {
     Refuse(&'static str),
     /// Answer a stop that has nothing to stop; the last result stays.
     NothingToStop,
-    /// SIGTERM the build's group; the reply waits until it is gone.
+    /// SIGTERM the build's group, or, once the SDK has logged its success
+    /// line, let it finish by itself first; the reply waits until every
+    /// process is gone.
     BeginStop,
     /// Another stop while stopping: wait with the first.
     JoinStop,
     StartClean,
     StartGetYaml,
+    /// Record what the SDK's log showed (its file, its success line, its
+    /// first error).
+    NoteLog,
     /// The spawn succeeded: answer the build request.
     BuildStarted,
     /// The spawn failed: answer and record the failure.
@@ -436,8 +487,9 @@ pub enum Does {
     StoppedLeaderExited,
     /// The stopped build's group is gone: answer the stops.
     StopFinished,
-    /// At the deadline: after the grace period, SIGKILL the group; after
-    /// the wait that follows, finish the stop even if processes remain.
+    /// At the deadline, the next step of the stop: a build finishing after
+    /// its success line gets SIGTERM, a terminated one SIGKILL; after the
+    /// wait that follows SIGKILL the stop ends even if processes remain.
     /// (Checks the getyaml deadline too.)
     StopDeadline,
     /// A getyaml that overran its time is cancelled and answered.
@@ -521,6 +573,9 @@ pub fn rule(state: StateKind, event: EventKind) -> Rule {
             rule_to(state_slice(state), Ignore)
         }
         (S::Idle | S::Cleaning, E::BuildExited) => rule_to(state_slice(state), Ignore),
+        (S::Building, E::LogRead) => rule_to(BUILDING, NoteLog),
+        (S::Stopping, E::LogRead) => rule_to(STOPPING, NoteLog),
+        (S::Idle | S::Cleaning, E::LogRead) => rule_to(state_slice(state), Ignore),
 
         // stop
         (S::Idle, E::Stop) => rule_to(IDLE, NothingToStop),
@@ -585,9 +640,9 @@ pub enum State {
     },
     Stopping {
         build: BuildRecord,
-        /// When SIGKILL follows the SIGTERM.
+        /// When the next step of the stop is due.
         deadline: Millis,
-        killed: bool,
+        phase: StopPhase,
         /// The leader's exit, once reaped.
         exit: Option<Exit>,
         /// Stop requests answered when the group is gone.
@@ -597,13 +652,34 @@ pub enum State {
         /// Whether a stop was asked for (by a client or a shutdown); if
         /// not, the build ended by itself and only its leftovers are killed.
         requested: bool,
-        /// The SDK's log ended with its success line when the leader exited.
-        deployed: bool,
     },
     Cleaning {
         job: JobId,
         requester: ReqId,
     },
+}
+
+/// Where a stop stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StopPhase {
+    /// The SDK logged its success line: it is copying its last files and
+    /// cleaning up; it gets the grace period to end by itself.
+    Finishing,
+    /// SIGTERM was sent; SIGKILL follows after the grace period.
+    Terminating,
+    /// SIGKILL was sent (repeated while anything of the build is left).
+    Killing,
+}
+
+impl StopPhase {
+    /// What status says the daemon is doing.
+    pub fn describe(self) -> &'static str {
+        match self {
+            StopPhase::Finishing => "the SDK logged its success line and is finishing its deploy; waiting for it to exit by itself",
+            StopPhase::Terminating => "SIGTERM sent; waiting for the build's processes to exit",
+            StopPhase::Killing => "SIGKILL sent; waiting for the build's processes to go",
+        }
+    }
 }
 
 impl State {
@@ -645,13 +721,22 @@ pub struct Machine {
 
 impl Machine {
     /// A machine starting idle from what a previous daemon persisted. A build
-    /// that was running then is recorded as failed with `interrupted`'s reason
-    /// (the driver has already made sure none of its processes survive).
-    pub fn new(config: Config, persisted: Persisted, now: Millis, interrupted: &str) -> Machine {
+    /// that was running then is recorded with the result its log shows if it
+    /// ended by itself meanwhile, else as failed, interrupted (the driver has
+    /// already made sure none of its processes survive).
+    pub fn new(config: Config, persisted: Persisted, now: Millis, found: Recovered) -> Machine {
         let mut history: VecDeque<BuildRecord> = persisted.history.into();
         let mut next_build_id = persisted.next_build_id.max(1);
         if let Some(mut b) = persisted.current {
-            b.finish(now, None, Outcome::Failed, Some(interrupted.to_string()));
+            if let Some(file) = found.log.file {
+                b.sdk_log = Some(file);
+            }
+            b.success_logged |= found.log.success;
+            if b.error_line.is_none() {
+                b.error_line = found.log.error;
+            }
+            let (outcome, reason) = recovered_outcome(&b, found.killed);
+            b.finish(now, None, outcome, reason);
             next_build_id = next_build_id.max(b.id + 1);
             history.push_back(b);
         }
@@ -718,6 +803,7 @@ impl Machine {
                 .map_or("not-started", |b| b.build_status())
                 .into(),
             state: kind.name().into(),
+            activity: self.activity(now),
             build_duration_ms: build.as_ref().map(|b| b.duration_ms(now)),
             build,
             daemon_pid: self.config.pid,
@@ -725,6 +811,27 @@ impl Machine {
             started_at: self.config.started_at,
             uptime_s: now.saturating_sub(self.config.started_at) / 1000,
             updated_at: now,
+        }
+    }
+
+    /// What the daemon is doing, in words, where the state name says too
+    /// little.
+    fn activity(&self, now: Millis) -> Option<String> {
+        match &self.state {
+            State::Stopping {
+                phase, deadline, ..
+            } => Some(format!(
+                "{} (next step in {} s)",
+                phase.describe(),
+                deadline.saturating_sub(now).div_ceil(1000)
+            )),
+            State::Building { build, .. } if build.success_logged => {
+                Some("the SDK logged its success line and is finishing its deploy".to_string())
+            }
+            State::Building { build, .. } if build.sdk_log.is_none() => {
+                Some("starting: the SDK has not created its log yet".to_string())
+            }
+            _ => None,
         }
     }
 
@@ -789,15 +896,38 @@ impl Machine {
                 Does::ReplyLogs,
                 Event::Request {
                     id,
-                    request: Request::Logs { log_file },
+                    request: Request::Logs { path, missing },
                 },
             ) => {
-                let reply = match log_file {
-                    Ok(path) => Reply {
+                // A build that runs there has that log, or will have it
+                // once its SDK has started (seconds, or minutes).
+                let running_here = match &self.state {
+                    State::Building { build, .. } | State::Stopping { build, .. }
+                        if build.log_file == path =>
+                    {
+                        Some(build.sdk_log.clone())
+                    }
+                    _ => None,
+                };
+                let reply = match (missing, running_here) {
+                    (None, _) => Reply {
                         log_file_path: Some(path),
                         ..Reply::succeed("logs")
                     },
-                    Err(reason) => Reply::fail("logs", reason),
+                    // The name is gone (a refused build's latc set it
+                    // aside), the file the SDK writes is known.
+                    (Some(_), Some(Some(file))) => Reply {
+                        log_file_path: Some(file),
+                        ..Reply::succeed("logs")
+                    },
+                    (Some(_), Some(None)) => Reply {
+                        log_file_path: Some(path),
+                        message: Some(
+                            "the build has started; its SDK has not created this log yet".into(),
+                        ),
+                        ..Reply::succeed("logs")
+                    },
+                    (Some(reason), None) => Reply::fail("logs", reason),
                 };
                 fx.push(Effect::Reply { id, reply });
             }
@@ -842,6 +972,9 @@ impl Machine {
                     signal: None,
                     fail_reason: None,
                     process: None,
+                    sdk_log: None,
+                    success_logged: false,
+                    error_line: None,
                 };
                 self.state = State::Building {
                     build,
@@ -889,7 +1022,6 @@ impl Machine {
                     build_id,
                     exit,
                     group_alive,
-                    deployed,
                 },
             ) => {
                 if let State::Building { build, starting } = &mut self.state {
@@ -917,18 +1049,18 @@ impl Machine {
                         self.state = State::Stopping {
                             build,
                             deadline: now.saturating_add(KILL_WAIT_MS),
-                            killed: true,
+                            phase: StopPhase::Killing,
                             exit: Some(exit),
                             waiters: Vec::new(),
                             then_exit: false,
                             requested: false,
-                            deployed,
                         };
                         return;
                     }
                     let mut build = build.clone();
-                    let (outcome, reason) = natural_outcome(exit, &build.log_file);
+                    let (outcome, reason) = natural_outcome(exit, &build);
                     build.finish(now, Some(exit), outcome, reason);
+                    fx.push(Effect::ReleaseMounts { build_id });
                     self.finish_build(build);
                 }
             }
@@ -976,13 +1108,13 @@ impl Machine {
                     build_id,
                     exit: leader_exit,
                     group_alive,
-                    deployed: done,
                 },
             ) => {
                 if let State::Stopping {
                     build,
                     exit,
-                    deployed,
+                    phase,
+                    deadline,
                     ..
                 } = &mut self.state
                 {
@@ -990,10 +1122,34 @@ impl Machine {
                         return;
                     }
                     *exit = Some(leader_exit);
-                    *deployed = done;
                     if !group_alive {
                         self.end_stop(now, fx);
+                    } else if *phase == StopPhase::Finishing {
+                        // The SDK ended by itself; what it left goes now.
+                        *phase = StopPhase::Killing;
+                        *deadline = now.saturating_add(KILL_WAIT_MS);
+                        fx.push(Effect::Signal {
+                            build_id,
+                            sig: Sig::Kill,
+                        });
                     }
+                }
+            }
+            (Does::NoteLog, Event::LogRead { build_id, news }) => {
+                if let State::Building { build, .. } | State::Stopping { build, .. } =
+                    &mut self.state
+                {
+                    if build.id != build_id {
+                        return;
+                    }
+                    if let Some(file) = news.file {
+                        build.sdk_log = Some(file);
+                    }
+                    build.success_logged |= news.success;
+                    if build.error_line.is_none() {
+                        build.error_line = news.error;
+                    }
+                    self.dirty = true;
                 }
             }
             (Does::StopFinished, Event::GroupGone { build_id }) => {
@@ -1006,27 +1162,38 @@ impl Machine {
             (Does::JobDeadline, Event::Tick) => self.check_job_deadline(now, fx),
             (Does::StopDeadline, Event::Tick) => {
                 self.check_job_deadline(now, fx);
+                let grace = self.config.grace_ms;
                 if let State::Stopping {
                     build,
                     deadline,
-                    killed,
+                    phase,
                     ..
                 } = &mut self.state
                 {
                     if now < *deadline {
                         return;
                     }
-                    if !*killed {
-                        *killed = true;
-                        *deadline = now.saturating_add(KILL_WAIT_MS);
-                        fx.push(Effect::Signal {
-                            build_id: build.id,
-                            sig: Sig::Kill,
-                        });
-                    } else {
+                    let build_id = build.id;
+                    match *phase {
+                        StopPhase::Finishing => {
+                            *phase = StopPhase::Terminating;
+                            *deadline = now.saturating_add(grace);
+                            fx.push(Effect::Signal {
+                                build_id,
+                                sig: Sig::Term,
+                            });
+                        }
+                        StopPhase::Terminating => {
+                            *phase = StopPhase::Killing;
+                            *deadline = now.saturating_add(KILL_WAIT_MS);
+                            fx.push(Effect::Signal {
+                                build_id,
+                                sig: Sig::Kill,
+                            });
+                        }
                         // SIGKILL cannot end a process stuck in the kernel
                         // (a hung mount): stop waiting, say so, go on.
-                        self.end_stop(now, fx);
+                        StopPhase::Killing => self.end_stop(now, fx),
                     }
                 }
             }
@@ -1165,19 +1332,26 @@ impl Machine {
                     reply: Reply::fail("build", "the build was stopped before it started"),
                 });
             }
-            fx.push(Effect::Signal {
-                build_id: build.id,
-                sig: Sig::Term,
-            });
+            // After its success line the SDK is deploying and cleaning
+            // up: a SIGTERM now would cut that short, so it gets the grace
+            // period to end by itself first.
+            let phase = if build.success_logged {
+                StopPhase::Finishing
+            } else {
+                fx.push(Effect::Signal {
+                    build_id: build.id,
+                    sig: Sig::Term,
+                });
+                StopPhase::Terminating
+            };
             self.state = State::Stopping {
                 build,
                 deadline: now.saturating_add(self.config.grace_ms),
-                killed: false,
+                phase,
                 exit: None,
                 waiters,
                 then_exit,
                 requested: true,
-                deployed: false,
             };
         }
     }
@@ -1188,9 +1362,8 @@ impl Machine {
             exit,
             waiters,
             then_exit,
-            killed,
+            phase,
             requested,
-            deployed,
             ..
         } = std::mem::replace(&mut self.state, State::Idle)
         else {
@@ -1202,11 +1375,12 @@ impl Machine {
         } else {
             ""
         };
-        // A build that had finished keeps its result: the deployed caller
-        // stops right after the success line, while appsdk may be exiting.
+        // A build that had logged its success keeps it: the deployed
+        // caller stops right after the success line.
+        let killed = phase == StopPhase::Killing;
         let (outcome, reason) = match exit {
-            _ if deployed => (Outcome::Succeeded, None),
-            Some(e) if !requested => natural_outcome(e, &build.log_file),
+            _ if requested && build.success_logged => (Outcome::Succeeded, None),
+            Some(e) if !requested => natural_outcome(e, &build),
             _ => (
                 Outcome::Stopped,
                 Some(if then_exit {
@@ -1221,11 +1395,20 @@ impl Machine {
         build.finish(now, exit, outcome, reason);
         let build_id = build.id;
         let msg = match build.outcome {
+            Outcome::Succeeded if killed => format!(
+                "build {build_id} had logged its success; it did not finish its deploy within the grace period and was killed, so deploy/ may be incomplete"
+            ),
+            Outcome::Succeeded if exit.is_some_and(|e| e != Exit::Code(0)) => format!(
+                "build {build_id} had logged its success; it was stopped before it finished its deploy, so deploy/ may be incomplete"
+            ),
             Outcome::Succeeded => {
-                format!("build {build_id} had already succeeded; its result is kept")
+                format!("build {build_id} had already succeeded and has finished; its result is kept")
             }
             _ => format!("build {build_id} stopped"),
         };
+        // Nothing of the build runs any more: what it mounted goes before
+        // anyone is told (the deployed caller's chown and rm come next).
+        fx.push(Effect::ReleaseMounts { build_id });
         for id in waiters {
             let mut reply = Reply::succeed("stop").with_message(msg.clone());
             reply.build_id = Some(build_id);
@@ -1279,30 +1462,65 @@ impl Machine {
     }
 }
 
-/// The outcome of a build that ended by itself. The reason names the SDK's
-/// log and, for a build that failed before the SDK made one, the build's
-/// console output beside it: it never sends people to a log alone that
-/// may not exist.
-fn natural_outcome(exit: Exit, log: &std::path::Path) -> (Outcome, Option<String>) {
-    let see = match log.parent() {
-        Some(dir) => format!(
+/// The outcome of a build that was running when the daemon died, from its
+/// log and from whether its processes were still running (`killed`).
+fn recovered_outcome(b: &BuildRecord, killed: usize) -> (Outcome, Option<String>) {
+    let leftovers = match killed {
+        0 => "none of its processes were left".to_string(),
+        n => format!("its {n} leftover processes were killed"),
+    };
+    match (&b.error_line, b.success_logged) {
+        (Some(line), _) => (
+            Outcome::Failed,
+            Some(format!(
+                "failed while latd was down: {line}; see {}",
+                b.log_file.display()
+            )),
+        ),
+        (None, true) if killed == 0 => (Outcome::Succeeded, None),
+        (None, true) => (
+            Outcome::Failed,
+            Some(format!(
+                "interrupted: latd was restarted while this build finished its deploy after its success line; {leftovers}, so deploy/ may be incomplete"
+            )),
+        ),
+        (None, false) => (
+            Outcome::Failed,
+            Some(format!(
+                "interrupted: latd was restarted while this build ran; {leftovers}"
+            )),
+        ),
+    }
+}
+
+/// The outcome of a build that ended by itself. The reason quotes the
+/// SDK's first error line, and names the SDK's log and, for a build that
+/// failed before the SDK made one, the build's console output beside it: it
+/// never sends people to a log alone that may not exist.
+fn natural_outcome(exit: Exit, build: &BuildRecord) -> (Outcome, Option<String>) {
+    let log = &build.log_file;
+    let see = match (log.parent(), &build.sdk_log) {
+        (Some(dir), None) => format!(
             "see {} ({} if the SDK made no log)",
             log.display(),
             dir.join("console.log").display()
         ),
-        None => format!("see {}", log.display()),
+        _ => format!("see {}", log.display()),
     };
-    match exit {
-        Exit::Code(0) => (Outcome::Succeeded, None),
-        Exit::Code(c) => (
-            Outcome::Failed,
-            Some(format!("appsdk exited with code {c}; {see}")),
-        ),
-        Exit::Signal(sig) => (
-            Outcome::Failed,
-            Some(format!("appsdk was killed by signal {sig}; {see}")),
-        ),
-    }
+    let how = match exit {
+        Exit::Code(0) => return (Outcome::Succeeded, None),
+        Exit::Code(c) if build.success_logged => {
+            format!("appsdk logged its success line, then exited with code {c} (its deploy may be incomplete)")
+        }
+        Exit::Code(c) => format!("appsdk exited with code {c}"),
+        Exit::Signal(sig) => format!("appsdk was killed by signal {sig}"),
+    };
+    let error = build
+        .error_line
+        .as_deref()
+        .map(|l| format!(": {l}"))
+        .unwrap_or_default();
+    (Outcome::Failed, Some(format!("{how}{error}; {see}")))
 }
 
 fn request_of(event: &Event) -> Option<(ReqId, String)> {

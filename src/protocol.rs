@@ -80,6 +80,9 @@ pub struct RawRequest {
     pub action: Action,
     pub workdir: Option<String>,
     pub yaml_file: Option<String>,
+    /// When the client stops waiting for the reply (ms since the epoch, by
+    /// its clock); latd does not act on a request after that.
+    pub expires_at: Option<u64>,
 }
 
 /// Why a request could not be understood; `action` is echoed when known.
@@ -202,26 +205,44 @@ pub fn parse_request(bytes: &[u8]) -> Result<RawRequest, Invalid> {
     };
     let workdir = get_str("workdir").map_err(|e| Invalid::new(Some(action_text.clone()), e))?;
     let yaml_file = get_str("yaml_file").map_err(|e| Invalid::new(Some(action_text.clone()), e))?;
+    let expires_at = match map.get("expires_at") {
+        None | Some(serde_yaml::Value::Null) => None,
+        Some(v) => Some(v.as_u64().ok_or_else(|| {
+            Invalid::new(
+                Some(action_text.clone()),
+                "'expires_at' must be a whole number of milliseconds since 1970",
+            )
+        })?),
+    };
     Ok(RawRequest {
         action,
         workdir,
         yaml_file,
+        expires_at,
     })
 }
 
 /// Serializes a request the way `latc` writes it.
-pub fn render_request(action: Action, workdir: &str, yaml_file: Option<&str>) -> String {
+pub fn render_request(
+    action: Action,
+    workdir: &str,
+    yaml_file: Option<&str>,
+    expires_at: Option<u64>,
+) -> String {
     #[derive(Serialize)]
     struct Wire<'a> {
         action: &'a str,
         workdir: &'a str,
         #[serde(skip_serializing_if = "Option::is_none")]
         yaml_file: Option<&'a str>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        expires_at: Option<u64>,
     }
     serde_yaml::to_string(&Wire {
         action: action.as_str(),
         workdir,
         yaml_file,
+        expires_at,
     })
     .unwrap_or_default()
 }
@@ -309,6 +330,10 @@ pub struct StatusDoc {
     pub build_status: String,
     /// What the daemon is doing: `idle`, `building`, `stopping`, `cleaning`.
     pub state: String,
+    /// What the daemon is doing, in words (a stop's progress, a build
+    /// finishing after its success line).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub activity: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub build: Option<crate::machine::BuildRecord>,
     /// How long the build ran, or has run so far.
@@ -382,7 +407,7 @@ mod tests {
 
     #[test]
     fn request_round_trips() {
-        let text = render_request(Action::Build, "/w", Some("/w/a b.yaml"));
+        let text = render_request(Action::Build, "/w", Some("/w/a b.yaml"), Some(7));
         let r = parse_request(text.as_bytes()).unwrap();
         assert_eq!(r.action, Action::Build);
         assert_eq!(r.workdir.as_deref(), Some("/w"));

@@ -6,10 +6,18 @@ use crate::machine::{BuildKind, BuildRequest, Request};
 use crate::protocol::{Action, Invalid, RawRequest, MAX_MESSAGE_BYTES};
 use std::path::{Path, PathBuf};
 
-/// Checks `raw` against the workspace root `root` (already canonical).
-pub fn check(raw: RawRequest, root: &Path) -> Result<Request, Invalid> {
+/// Checks `raw` against the workspace root `root` (already canonical), at
+/// `now` (ms since the epoch).
+pub fn check(raw: RawRequest, root: &Path, now: u64) -> Result<Request, Invalid> {
     let action = raw.action;
     let fail = |reason: String| Invalid::new(Some(action.as_str().to_string()), reason);
+    if let Some(expired) = raw.expires_at.filter(|&t| t < now) {
+        // Its client has given up: a build nobody waits for must not start.
+        return Err(fail(format!(
+            "the request expired {} s before latd saw it (its client stopped waiting); send it again",
+            (now - expired).div_ceil(1000)
+        )));
+    }
     let needs_workdir = !matches!(action, Action::Status | Action::Stop);
     let workdir = if needs_workdir {
         workdir(raw.workdir.as_deref(), root).map_err(fail)?
@@ -20,17 +28,19 @@ pub fn check(raw: RawRequest, root: &Path) -> Result<Request, Invalid> {
         Action::Status => Request::Status,
         Action::Stop => Request::Stop,
         Action::Logs => {
-            let log = workdir.join("log").join("log.appsdk");
-            Request::Logs {
-                log_file: if log.is_file() {
-                    Ok(log)
-                } else {
-                    Err(format!(
-                        "No log file found ({} does not exist)",
-                        log.display()
-                    ))
-                },
-            }
+            let path = workdir.join("log").join(crate::sdklog::LOG_NAME);
+            let missing = match crate::fsutil::open_log(&path) {
+                Ok(_) => None,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Some(format!(
+                    "No log file found ({} does not exist)",
+                    path.display()
+                )),
+                Err(e) => Some(format!(
+                    "No log file found ({} cannot be used: {e})",
+                    path.display()
+                )),
+            };
+            Request::Logs { path, missing }
         }
         Action::Clean => Request::Clean { workdir },
         Action::Getyaml => Request::GetYaml { workdir },

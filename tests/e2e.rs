@@ -93,11 +93,11 @@ fn failed_build_reports_fail_and_wait_exits_1() {
     assert!(stderr(&o).contains("failed after"), "{}", stderr(&o));
     let s = env.status_json();
     assert_eq!(s["build_status"], "fail");
-    assert_eq!(s["build"]["exit_code"], 2);
+    assert_eq!(s["build"]["exit_code"], 1);
     assert!(s["build"]["fail_reason"]
         .as_str()
         .unwrap()
-        .contains("code 2"));
+        .contains("code 1: appsdk - ERROR: do_rootfs failed"));
 }
 
 #[test]
@@ -138,7 +138,8 @@ fn second_build_is_refused_and_keeps_the_running_log() {
         .success());
     let log = env.ws.join("log/log.appsdk");
     wait_until(Duration::from_secs(10), "the log", || log.exists());
-    let before = fs::read_to_string(&log).unwrap();
+    let real = env.ws.join("log").join(fs::read_link(&log).unwrap());
+    let before = fs::read_to_string(&real).unwrap();
     let o = env.latc(&["build", "--file", yaml.to_str().unwrap()]);
     assert_eq!(o.status.code(), Some(1));
     assert!(
@@ -146,10 +147,22 @@ fn second_build_is_refused_and_keeps_the_running_log() {
         "{}",
         stderr(&o)
     );
+    // The running build's log is whole, and still written to; only the name
+    // build-image waits for is gone, so it is not taken for the refused
+    // build's.
+    assert!(!log.exists(), "log.appsdk left for the refused build");
     assert!(
-        fs::read_to_string(&log).unwrap().starts_with(&before),
+        stderr(&o).contains("no build was started"),
+        "{}",
+        stderr(&o)
+    );
+    assert!(
+        fs::read_to_string(&real).unwrap().starts_with(&before),
         "the refused build touched the log"
     );
+    let o = env.latc(&["logs"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stdout(&o).starts_with(&before), "{}", stdout(&o));
     assert!(env.latc(&["stop"]).status.success());
 }
 
@@ -481,10 +494,8 @@ fn logs_follow_streams_until_the_build_ends_and_history_survives_restarts() {
         assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
         let out = stdout(&o);
         assert!(!out.contains("OLD BUILD LINE"), "{out}");
-        assert!(
-            out.trim_end().ends_with("DEBUG: Deploy ovmf.qcow2"),
-            "{out}"
-        );
+        assert!(out.contains("appsdk - DEBUG: Deploy ovmf.qcow2"), "{out}");
+        assert!(out.trim_end().ends_with("standin-report.txt"), "{out}");
         assert_eq!(
             out.matches("(8/8)").count(),
             1,
@@ -523,11 +534,11 @@ fn status_json_tells_everything_about_the_build_and_daemon() {
     assert_eq!(b["id"], 1);
     assert_eq!(b["yaml_file"], yaml.to_str().unwrap());
     assert_eq!(b["outcome"], "failed");
-    assert_eq!(b["exit_code"], 2);
+    assert_eq!(b["exit_code"], 1);
     assert!(b["fail_reason"]
         .as_str()
         .unwrap()
-        .contains("exited with code 2"));
+        .contains("exited with code 1: appsdk - ERROR: do_rootfs failed"));
     let (start, end) = (
         b["started_at"].as_u64().unwrap(),
         b["ended_at"].as_u64().unwrap(),
@@ -638,10 +649,17 @@ fn stop_reaches_processes_that_left_the_group() {
 }
 
 #[test]
-fn a_stopped_build_is_stopped_even_if_appsdk_exits_0_on_sigterm() {
+fn a_stopped_build_is_stopped_even_if_its_command_exits_0_on_sigterm() {
     let env = TestEnv::new("term0");
-    let _d = env.daemon();
-    env.start_build("standin_duration: 60\nstandin_term_exit: 0");
+    fs::create_dir_all(env.ws.join("hack")).unwrap();
+    // A build command (the operator's hack) that takes SIGTERM for success.
+    fs::write(
+        env.ws.join("hack/lat-genimage-cmd"),
+        "trap 'exit 0' TERM\necho \"worker (appsdk $$)\" >> log/log.appsdk\nsleep 60 & wait\n",
+    )
+    .unwrap();
+    let _d = env.daemon_with(&["--grace", "2", "--allow-hack-cmd"]);
+    env.start_build("standin_duration: 60");
     assert!(env.latc(&["stop"]).status.success());
     let s = env.status_json();
     assert_eq!(s["build_status"], "fail", "{s}");
@@ -693,30 +711,94 @@ fn status_is_answered_while_clean_and_getyaml_run() {
     assert!(getyaml_still_running, "status waited for getyaml");
 }
 
-#[test]
-fn a_stop_in_the_sdks_last_moments_keeps_succeed() {
-    let env = TestEnv::new("lastmoments");
-    let _d = env.daemon();
-    // appsdk logs success, then lingers (unmounting) and is caught by the
-    // stop; it logs its SIGTERM handling after the success line.
-    let yaml = env.yaml("lat.yaml", "standin_duration: 0.3\nstandin_linger: 30");
-    assert!(env
-        .latc(&["build", "--file", yaml.to_str().unwrap()])
-        .status
-        .success());
+/// Waits for the success line in the SDK's log (a symlink to the file the
+/// SDK writes).
+fn wait_success_line(env: &TestEnv) {
     let log = env.ws.join("log/log.appsdk");
     wait_until(Duration::from_secs(20), "the success line", || {
         fs::read_to_string(&log)
             .unwrap_or_default()
             .contains("DEBUG: Deploy ovmf.qcow2")
     });
-    assert!(env.latc(&["stop"]).status.success());
-    let text = fs::read_to_string(&log).unwrap();
+}
+
+/// The SDK's deploy is complete: every QEMU file whole, and its report.
+fn deploy_complete(env: &TestEnv) -> bool {
+    let d = env.ws.join("deploy");
+    ["ovmf.qcow2", "ovmf.secboot.qcow2", "ovmf.vars.qcow2"]
+        .iter()
+        .all(|f| fs::metadata(d.join(f)).is_ok_and(|m| m.len() == 65536))
+        && d.join("standin-report.txt").exists()
+}
+
+#[test]
+fn a_stop_after_the_success_line_lets_the_sdk_finish_its_deploy() {
+    let env = TestEnv::new("lastmoments");
+    let _d = env.daemon_with(&["--grace", "15"]);
+    // As build-image does: stop as soon as the success line is read. The
+    // SDK still copies its QEMU files and writes its report (3 s).
+    let yaml = env.yaml("lat.yaml", "standin_duration: 0.3\nstandin_post_success: 3");
+    assert!(env
+        .latc(&["build", "--file", yaml.to_str().unwrap()])
+        .status
+        .success());
+    wait_success_line(&env);
     assert!(
-        text.contains("Caught SIGTERM"),
-        "the stop caught appsdk exiting: {text}"
+        !deploy_complete(&env),
+        "the deploy should still be under way"
     );
     let s = env.status_json();
+    assert!(
+        s["activity"]
+            .as_str()
+            .unwrap_or("")
+            .contains("success line"),
+        "{s}"
+    );
+    let o = env.latc(&["stop"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stderr(&o).contains("has finished"), "{}", stderr(&o));
+    // The reply came once everything was done: the deploy is whole.
+    assert!(
+        deploy_complete(&env),
+        "stop answered before the deploy was done"
+    );
+    let text = fs::read_to_string(env.ws.join("log/log.appsdk")).unwrap();
+    assert!(
+        !text.contains("Recieve signal"),
+        "the SDK was signalled: {text}"
+    );
+    assert!(text.contains("Report:"), "{text}");
+    let s = env.status_json();
+    assert_eq!(
+        (s["lat_status"].as_str(), s["build_status"].as_str()),
+        (Some("idle"), Some("succeed")),
+        "{s}"
+    );
+    assert_eq!(s["build"]["exit_code"], 0);
+    env.assert_no_leftovers();
+}
+
+#[test]
+fn a_finishing_sdk_that_overruns_the_grace_is_terminated_and_keeps_succeed() {
+    let env = TestEnv::new("overrun");
+    let _d = env.daemon_with(&["--grace", "1"]);
+    let yaml = env.yaml(
+        "lat.yaml",
+        "standin_duration: 0.3\nstandin_post_success: 30",
+    );
+    assert!(env
+        .latc(&["build", "--file", yaml.to_str().unwrap()])
+        .status
+        .success());
+    wait_success_line(&env);
+    let o = env.latc(&["stop"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stderr(&o).contains("may be incomplete"), "{}", stderr(&o));
+    let text = fs::read_to_string(env.ws.join("log/log.appsdk")).unwrap();
+    assert!(text.contains("Recieve signal 15"), "{text}");
+    let s = env.status_json();
     assert_eq!(s["build_status"], "succeed", "{s}");
-    assert_eq!(s["build"]["exit_code"], 143);
+    assert_eq!(s["build"]["exit_code"], 1);
+    env.assert_no_leftovers();
 }

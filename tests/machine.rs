@@ -72,7 +72,7 @@ impl Rig {
             config(5),
             Persisted::default(),
             T0,
-            "interrupted",
+            Recovered::default(),
         ))
     }
 
@@ -191,7 +191,8 @@ fn stop(r: &mut Rig) -> Event {
 }
 fn logs(r: &mut Rig) -> Event {
     r.req(Request::Logs {
-        log_file: Ok("/w/log/log.appsdk".into()),
+        path: "/w/log/log.appsdk".into(),
+        missing: None,
     })
 }
 fn clean(r: &mut Rig) -> Event {
@@ -223,12 +224,21 @@ fn spawn_failed(r: &mut Rig) -> Event {
         reason: "appsdk: not found".into(),
     }
 }
+/// The SDK logged its success line.
+fn log_success(r: &mut Rig) -> Event {
+    Event::LogRead {
+        build_id: r.bid(),
+        news: LogNews {
+            success: true,
+            ..LogNews::default()
+        },
+    }
+}
 fn exit0(r: &mut Rig) -> Event {
     Event::BuildExited {
         build_id: r.bid(),
         exit: Exit::Code(0),
         group_alive: false,
-        deployed: false,
     }
 }
 /// The leader died of the SIGTERM and took its whole group with it.
@@ -237,7 +247,6 @@ fn term_exit(r: &mut Rig) -> Event {
         build_id: r.bid(),
         exit: Exit::Signal(15),
         group_alive: false,
-        deployed: false,
     }
 }
 fn group_gone(r: &mut Rig) -> Event {
@@ -300,7 +309,6 @@ fn stopping_reaped() -> Rig {
         build_id: r.bid(),
         exit: Exit::Signal(15),
         group_alive: true,
-        deployed: false,
     });
     assert!(fx.is_empty(), "{fx:#?}");
     r
@@ -340,6 +348,8 @@ enum W {
     Signal(Sig),
     Clean,
     GetYaml,
+    /// `ReleaseMounts` of the build that was live before the step.
+    Unmount,
     /// A `succeed` reply echoing this action.
     Ok(&'static str),
     /// A `fail` reply echoing this action, its reason containing this text.
@@ -356,6 +366,7 @@ const TERM: W = W::Signal(Sig::Term);
 const KILL: W = W::Signal(Sig::Kill);
 const CLEAN: W = W::Clean;
 const GETYAML: W = W::GetYaml;
+const UNMOUNT: W = W::Unmount;
 const EXIT: W = W::Exit;
 const fn ok(action: &'static str) -> W {
     W::Ok(action)
@@ -378,6 +389,7 @@ fn check(fx: &[Effect], want: &[W], live_build: Option<u64>, ctx: &str) {
             }
             (W::Clean, Effect::StartClean { .. }) => true,
             (W::GetYaml, Effect::StartGetYaml { .. }) => true,
+            (W::Unmount, Effect::ReleaseMounts { build_id }) => Some(*build_id) == live_build,
             (W::Ok(a), Effect::Reply { reply, .. }) => {
                 reply.action == *a
                     && reply.result == ReplyResult::Succeed
@@ -444,6 +456,7 @@ const TABLE: &[Row] = &[
     row(S::Idle, E::Spawned,     idle,            spawned,      S::Idle,     &[]),
     row(S::Idle, E::SpawnFailed, idle,            spawn_failed, S::Idle,     &[]),
     row(S::Idle, E::BuildExited, idle,            exit0,        S::Idle,     &[]),
+    row(S::Idle, E::LogRead,     idle,            log_success,  S::Idle,     &[]),
     row(S::Idle, E::GroupGone,   idle,            group_gone,   S::Idle,     &[]),
     row(S::Idle, E::CleanDone,   idle,            clean_ok,     S::Idle,     &[]),
     row(S::Idle, E::YamlDone,    idle_yaml,       yaml_ok,      S::Idle,     &[ok("getyaml")]),
@@ -459,7 +472,8 @@ const TABLE: &[Row] = &[
     row(S::Building, E::Invalid,     building,      invalid,      S::Building, &[fail("fly", "unknown action")]),
     row(S::Building, E::Spawned,     starting,      spawned,      S::Building, &[PERSIST, STATUS, ok("build")]),
     row(S::Building, E::SpawnFailed, starting,      spawn_failed, S::Idle,     &[PERSIST, STATUS, fail("build", "appsdk: not found")]),
-    row(S::Building, E::BuildExited, building,      exit0,        S::Idle,     &[PERSIST, STATUS]),
+    row(S::Building, E::BuildExited, building,      exit0,        S::Idle,     &[PERSIST, STATUS, UNMOUNT]),
+    row(S::Building, E::LogRead,     building,      log_success,  S::Building, &[PERSIST, STATUS]),
     row(S::Building, E::GroupGone,   building,      group_gone,   S::Building, &[]),
     row(S::Building, E::CleanDone,   building,      clean_ok,     S::Building, &[]),
     row(S::Building, E::YamlDone,    building_yaml, yaml_ok,      S::Building, &[ok("getyaml")]),
@@ -475,8 +489,9 @@ const TABLE: &[Row] = &[
     row(S::Stopping, E::Invalid,     stopping,        invalid,      S::Stopping, &[fail("fly", "unknown action")]),
     row(S::Stopping, E::Spawned,     stopping,        spawned,      S::Stopping, &[]),
     row(S::Stopping, E::SpawnFailed, stopping,        spawn_failed, S::Stopping, &[]),
-    row(S::Stopping, E::BuildExited, stopping,        term_exit,    S::Idle,     &[PERSIST, STATUS, ok("stop")]),
-    row(S::Stopping, E::GroupGone,   stopping_reaped, group_gone,   S::Idle,     &[PERSIST, STATUS, ok("stop")]),
+    row(S::Stopping, E::BuildExited, stopping,        term_exit,    S::Idle,     &[PERSIST, STATUS, UNMOUNT, ok("stop")]),
+    row(S::Stopping, E::LogRead,     stopping,        log_success,  S::Stopping, &[PERSIST, STATUS]),
+    row(S::Stopping, E::GroupGone,   stopping_reaped, group_gone,   S::Idle,     &[PERSIST, STATUS, UNMOUNT, ok("stop")]),
     row(S::Stopping, E::CleanDone,   stopping,        clean_ok,     S::Stopping, &[]),
     row(S::Stopping, E::YamlDone,    stopping_yaml,   yaml_ok,      S::Stopping, &[ok("getyaml")]),
     row(S::Stopping, E::Tick,        stopping,        tick_late,    S::Stopping, &[KILL]),
@@ -492,6 +507,7 @@ const TABLE: &[Row] = &[
     row(S::Cleaning, E::Spawned,     cleaning, spawned,      S::Cleaning, &[]),
     row(S::Cleaning, E::SpawnFailed, cleaning, spawn_failed, S::Cleaning, &[]),
     row(S::Cleaning, E::BuildExited, cleaning, exit0,        S::Cleaning, &[]),
+    row(S::Cleaning, E::LogRead,     cleaning, log_success,  S::Cleaning, &[]),
     row(S::Cleaning, E::GroupGone,   cleaning, group_gone,   S::Cleaning, &[]),
     row(S::Cleaning, E::CleanDone,   cleaning, clean_ok,     S::Idle,     &[PERSIST, STATUS, ok("clean")]),
     // No getyaml can run during a clean, so any YamlDone is stale.
@@ -636,7 +652,6 @@ fn build_exiting_nonzero_fails_with_the_code_in_the_reason() {
         build_id: r.bid(),
         exit: Exit::Code(3),
         group_alive: false,
-        deployed: false,
     });
     let st = r.m.status(r.now);
     assert_eq!(
@@ -659,7 +674,6 @@ fn build_killed_by_a_signal_fails_naming_the_signal() {
         build_id: r.bid(),
         exit: Exit::Signal(11),
         group_alive: false,
-        deployed: false,
     });
     let b = r.last_build();
     assert_eq!((b.outcome, b.signal), (Outcome::Failed, Some(11)));
@@ -679,13 +693,17 @@ fn stop_during_build_terms_and_answers_once_the_group_is_gone() {
         build_id: r.bid(),
         exit: Exit::Signal(15),
         group_alive: true,
-        deployed: false,
     });
     assert!(fx.is_empty(), "{fx:#?}");
     assert_eq!(r.kind(), StateKind::Stopping);
 
     let fx = r.go(group_gone);
-    check(&fx, &[PERSIST, STATUS, ok("stop")], Some(1), "group gone");
+    check(
+        &fx,
+        &[PERSIST, STATUS, UNMOUNT, ok("stop")],
+        Some(1),
+        "group gone",
+    );
     let rep = reply_to(&fx, id);
     assert_eq!(rep.build_id, Some(1));
     assert!(rep.message.is_some_and(|m| m.contains("build 1")));
@@ -735,7 +753,6 @@ fn stop_grace_expiry_kills_only_after_the_deadline() {
         build_id: r.bid(),
         exit: Exit::Signal(9),
         group_alive: false,
-        deployed: false,
     });
     assert!(r.open.is_empty());
     let b = r.last_build();
@@ -763,11 +780,17 @@ fn stopped_build_that_had_deployed_keeps_succeed() {
     let mut r = stopping();
     let waiter = *r.open.iter().next().unwrap();
     // The SDK had written its success line; SIGTERM caught it exiting.
+    r.go(|r| Event::LogRead {
+        build_id: r.bid(),
+        news: LogNews {
+            success: true,
+            ..LogNews::default()
+        },
+    });
     let fx = r.go(|r| Event::BuildExited {
         build_id: r.bid(),
         exit: Exit::Signal(15),
         group_alive: false,
-        deployed: true,
     });
     let rep = reply_to(&fx, waiter);
     assert_eq!((rep.result, rep.build_id), (ReplyResult::Succeed, Some(1)));
@@ -807,7 +830,6 @@ fn leader_exit_with_group_alive_kills_the_stragglers() {
         build_id: r.bid(),
         exit: Exit::Code(0),
         group_alive: true,
-        deployed: false,
     });
     check(&fx, &[PERSIST, STATUS, KILL], Some(1), "leader exit");
     // It waits in Stopping until the group is gone, then keeps its result.
@@ -829,7 +851,6 @@ fn failed_build_with_stragglers_keeps_its_failure_not_stopped() {
         build_id: r.bid(),
         exit: Exit::Code(2),
         group_alive: true,
-        deployed: false,
     });
     r.go(|r| Event::GroupGone { build_id: r.bid() });
     let b = r.last_build();
@@ -957,11 +978,13 @@ fn status_writes_the_document_then_answers_with_its_path() {
 fn logs_without_a_log_fails_with_the_drivers_reason() {
     let mut r = Rig::new();
     let (id, fx) = r.ask(Request::Logs {
-        log_file: Err("No log file found".into()),
+        path: "/w/log/log.appsdk".into(),
+        missing: Some("No log file found".into()),
     });
     check(&fx, &[fail("logs", "No log file found")], None, "logs");
     let (id2, fx) = r.ask(Request::Logs {
-        log_file: Ok("/w/log/log.appsdk".into()),
+        path: "/w/log/log.appsdk".into(),
+        missing: None,
     });
     assert_eq!(
         reply_to(&fx, id2).log_file_path,
@@ -996,13 +1019,12 @@ fn shutdown_while_building_stops_then_exits_once_the_group_is_gone() {
         build_id: r.bid(),
         exit: Exit::Signal(15),
         group_alive: true,
-        deployed: false,
     });
     assert!(fx.is_empty());
     let fx = r.go(group_gone);
     check(
         &fx,
-        &[PERSIST, STATUS, ok("stop"), EXIT],
+        &[PERSIST, STATUS, UNMOUNT, ok("stop"), EXIT],
         Some(1),
         "group gone",
     );
@@ -1088,6 +1110,9 @@ fn restart_records_the_interrupted_build_failed() {
         signal: None,
         fail_reason: None,
         process: Some(PROC),
+        sdk_log: None,
+        success_logged: false,
+        error_line: None,
     };
     let persisted = Persisted {
         next_build_id: 8,
@@ -1098,7 +1123,10 @@ fn restart_records_the_interrupted_build_failed() {
         config(5),
         persisted,
         T0,
-        "latd restarted while the build ran",
+        Recovered {
+            killed: 2,
+            log: LogNews::default(),
+        },
     );
     assert_eq!(m.state(), &State::Idle);
     let st = m.status(T0);
@@ -1113,7 +1141,7 @@ fn restart_records_the_interrupted_build_failed() {
     );
     assert_eq!(
         b.fail_reason.as_deref(),
-        Some("latd restarted while the build ran")
+        Some("interrupted: latd was restarted while this build ran; its 2 leftover processes were killed")
     );
     assert_eq!(m.persisted().current, None);
 
@@ -1138,13 +1166,16 @@ fn restart_never_reuses_a_build_id_from_history() {
         signal: None,
         fail_reason: None,
         process: None,
+        sdk_log: None,
+        success_logged: false,
+        error_line: None,
     };
     let persisted = Persisted {
         next_build_id: 0,
         current: None,
         history: vec![old],
     };
-    let mut r = Rig::with_machine(Machine::new(config(5), persisted, T0, "x"));
+    let mut r = Rig::with_machine(Machine::new(config(5), persisted, T0, Recovered::default()));
     assert_eq!(r.m.status(T0).build_status, "succeed");
     r.go(build);
     assert_eq!(r.build_id, Some(42));
@@ -1152,7 +1183,12 @@ fn restart_never_reuses_a_build_id_from_history() {
 
 #[test]
 fn history_is_capped_newest_last() {
-    let mut r = Rig::with_machine(Machine::new(config(3), Persisted::default(), T0, "x"));
+    let mut r = Rig::with_machine(Machine::new(
+        config(3),
+        Persisted::default(),
+        T0,
+        Recovered::default(),
+    ));
     for _ in 0..5 {
         r.go(build);
         r.go(spawned);
@@ -1182,6 +1218,7 @@ fn persist_and_status_come_before_the_reply_when_the_state_changes() {
             [
                 Effect::Persist(_),
                 Effect::WriteStatus(_),
+                Effect::ReleaseMounts { .. },
                 Effect::Reply { .. }
             ]
         ),
@@ -1204,7 +1241,6 @@ fn stale_events_change_nothing() {
             build_id: STALE,
             exit: Exit::Code(1),
             group_alive: true,
-            deployed: false,
         },
         Event::GroupGone { build_id: STALE },
         Event::CleanDone {
@@ -1270,7 +1306,6 @@ fn no_new_build_while_the_last_builds_group_is_alive() {
         build_id: r.bid(),
         exit: Exit::Code(0),
         group_alive: true,
-        deployed: false,
     });
     // SIGKILL is on its way; nothing has reported build 1's group gone.
     let fx = r.go(build);
@@ -1291,7 +1326,6 @@ fn stale_outcomes_in_building_and_cleaning_are_ignored() {
         build_id: r.bid() - 1,
         exit: Exit::Code(0),
         group_alive: false,
-        deployed: false,
     };
     let old_clean = |r: &mut Rig| Event::CleanDone {
         job: JobId(r.clean_job.unwrap().0 - 1),
@@ -1360,6 +1394,8 @@ enum Act {
     },
     /// Children left by an exited leader die by themselves.
     GroupDies,
+    /// The running build's SDK logs its success line.
+    LogsSuccess,
     /// Time passes, then a Tick.
     Wait(u64),
     /// An event about an old build or an unknown job.
@@ -1384,6 +1420,8 @@ struct SimBuild {
     kill_sent: bool,
     /// When SIGKILL may follow the SIGTERM.
     deadline: Option<Millis>,
+    /// Its SDK logged the success line (and the machine was told).
+    success: bool,
 }
 
 impl SimBuild {
@@ -1454,7 +1492,7 @@ fn check_status(m: &Machine, now: Millis) {
 impl World {
     fn new() -> World {
         World {
-            m: Machine::new(config(4), Persisted::default(), T0, "interrupted"),
+            m: Machine::new(config(4), Persisted::default(), T0, Recovered::default()),
             now: T0,
             rng: 1,
             builds: Vec::new(),
@@ -1503,9 +1541,21 @@ impl World {
                         build_id: b.id,
                         exit: Exit::Code(code),
                         group_alive: b.others,
-                        deployed: false,
                     };
                     self.procq.push_back(ev);
+                }
+            }
+            Act::LogsSuccess => {
+                if let Some(b) = self.builds.iter_mut().find(|b| b.leader && !b.success) {
+                    b.success = true;
+                    let build_id = b.id;
+                    self.step(Event::LogRead {
+                        build_id,
+                        news: LogNews {
+                            success: true,
+                            ..LogNews::default()
+                        },
+                    });
                 }
             }
             Act::GroupDies => {
@@ -1542,11 +1592,8 @@ impl World {
             Ask::Status => Request::Status,
             Ask::Stop => Request::Stop,
             Ask::Logs(found) => Request::Logs {
-                log_file: if found {
-                    Ok("/w0/log/log.appsdk".into())
-                } else {
-                    Err("No log file found".into())
-                },
+                path: "/w0/log/log.appsdk".into(),
+                missing: (!found).then(|| "No log file found".to_string()),
             },
             Ask::Clean(n) => Request::Clean { workdir: wd(n) },
             Ask::GetYaml(n) => Request::GetYaml { workdir: wd(n) },
@@ -1626,7 +1673,6 @@ impl World {
                 build_id: old,
                 exit: Exit::Code(1),
                 group_alive: false,
-                deployed: false,
             },
             3 => Event::GroupGone { build_id: old },
             4 => Event::CleanDone {
@@ -1712,6 +1758,23 @@ impl World {
                         "{ctx}: fail iff a reason"
                     );
                 }
+                Effect::ReleaseMounts { build_id } => {
+                    // Only once nothing of the build runs (or SIGKILL could
+                    // not end it), and before anyone is told it ended.
+                    let b = self.sim(*build_id);
+                    assert!(
+                        !(b.leader || b.others) || b.kill_sent,
+                        "{ctx}: mounts released under live processes"
+                    );
+                    assert!(
+                        !fx[..i].iter().any(|e| matches!(e, Effect::Reply { .. })),
+                        "{ctx}: a reply before the mounts were released"
+                    );
+                    assert!(
+                        to != StateKind::Stopping && to != StateKind::Building,
+                        "{ctx}"
+                    );
+                }
                 Effect::Spawn { build_id, .. } => {
                     assert!(from == StateKind::Idle && kind == EventKind::Build, "{ctx}");
                     assert_eq!(Some(*build_id), current_build_id(self.m.state()), "{ctx}");
@@ -1737,6 +1800,7 @@ impl World {
                         gone_told: !ok,
                         kill_sent: false,
                         deadline: None,
+                        success: false,
                     });
                     // The calling rule: the spawn's outcome is the next event.
                     next = Some(if ok {
@@ -1775,6 +1839,17 @@ impl World {
                         !b.gone_told,
                         "{ctx}: signal to a group known gone (its pgid may be reused)"
                     );
+                    if *sig == Sig::Term && b.success {
+                        // After its success line the SDK is left to finish:
+                        // SIGTERM only once the grace period is over.
+                        assert!(
+                            kind == EventKind::Tick && b.deadline.is_some_and(|d| now >= d),
+                            "{ctx}: SIGTERM to a build finishing after its success line"
+                        );
+                    }
+                    if *sig == Sig::Term && kind == EventKind::Tick {
+                        b.deadline = Some(now + GRACE);
+                    }
                     if *sig == Sig::Kill {
                         let due =
                             from == StateKind::Stopping && b.deadline.is_some_and(|d| now >= d);
@@ -1863,9 +1938,10 @@ impl World {
             State::Stopping {
                 build,
                 deadline,
-                killed,
+                phase,
                 ..
             } => {
+                let killed = *phase == StopPhase::Killing;
                 let d = *deadline;
                 let id = build.id;
                 // The grace deadline, then the wait after SIGKILL (or a
@@ -1875,7 +1951,7 @@ impl World {
                     t == Some(d) || (t < Some(d) && t == self.yaml_deadline),
                     "{ctx}: {t:?}"
                 );
-                if !*killed {
+                if !killed {
                     assert_eq!(self.sim(id).deadline, Some(d), "{ctx}");
                 }
             }
@@ -1910,7 +1986,6 @@ impl World {
                         build_id: id,
                         exit: term_exit,
                         group_alive: b.others,
-                        deployed: false,
                     });
                 } else if others_die && !b.leader {
                     out = Some(Event::GroupGone { build_id: id });
@@ -1923,7 +1998,6 @@ impl World {
                         build_id: id,
                         exit: Exit::Signal(9),
                         group_alive: false,
-                        deployed: false,
                     });
                 } else if b.others {
                     out = Some(Event::GroupGone { build_id: id });
@@ -1954,7 +2028,6 @@ impl World {
                     build_id: b.id,
                     exit: Exit::Code(0),
                     group_alive: false,
-                    deployed: false,
                 };
                 self.procq.push_back(ev);
                 continue;
@@ -1997,6 +2070,7 @@ fn act_strategy() -> impl Strategy<Value = Act> {
         15 => (prop_oneof![Just(0), Just(1), 2..256i32], any::<bool>())
             .prop_map(|(code, leave_group)| Act::LeaderExits { code, leave_group }),
         8 => Just(Act::GroupDies),
+        6 => Just(Act::LogsSuccess),
         20 => prop_oneof![3 => 1..2_000u64, 1 => 2_000..3 * GRACE].prop_map(Act::Wait),
         8 => any::<u8>().prop_map(Act::Stale),
         // Rare: about one run in four shuts down somewhere.
@@ -2135,7 +2209,7 @@ fn check_parse(bytes: &[u8]) -> Result<(), TestCaseError> {
             prop_assert_eq!(Action::parse(r.action.as_str()), Some(r.action));
             // What parses, re-renders to the same request (as latc writes it).
             if let Some(wd) = &r.workdir {
-                let text = render_request(r.action, wd, r.yaml_file.as_deref());
+                let text = render_request(r.action, wd, r.yaml_file.as_deref(), r.expires_at);
                 prop_assert_eq!(parse_request(text.as_bytes()).ok(), Some(r.clone()));
             }
         }
@@ -2235,4 +2309,258 @@ fn a_getyaml_that_overruns_is_killed_and_answered() {
         workdir: "/w".into(),
     });
     assert!(fx.iter().any(|e| matches!(e, Effect::StartClean { .. })));
+}
+
+// ===========================================================================
+// The real SDK: a stop after its success line lets it finish
+// ===========================================================================
+
+/// Building, the SDK having logged its success line.
+fn deployed() -> Rig {
+    let mut r = building();
+    r.go(log_success);
+    assert!(r.m.current_build().unwrap().success_logged);
+    r
+}
+
+#[test]
+fn stop_after_the_success_line_waits_for_the_sdk_to_finish_by_itself() {
+    let mut r = deployed();
+    let fx = r.go(stop);
+    assert!(signals(&fx).is_empty(), "no SIGTERM mid-deploy: {fx:#?}");
+    let waiter = *r.open.iter().next().unwrap();
+    let st = r.m.status(r.now);
+    assert_eq!(
+        (st.lat_status.as_str(), st.state.as_str()),
+        ("busy", "stopping")
+    );
+    assert!(st.activity.unwrap().contains("finishing its deploy"));
+    // The SDK copies its last files, cleans up and exits 0 on its own.
+    r.now += GRACE / 2;
+    assert!(r.go(tick).is_empty());
+    let fx = r.go(exit0);
+    check(
+        &fx,
+        &[PERSIST, STATUS, UNMOUNT, ok("stop")],
+        Some(1),
+        "finished",
+    );
+    assert!(reply_to(&fx, waiter)
+        .message
+        .unwrap()
+        .contains("already succeeded and has finished"));
+    let b = r.last_build();
+    assert_eq!((b.outcome, b.exit_code), (Outcome::Succeeded, Some(0)));
+    assert_eq!(r.m.status(r.now).lat_status, "idle");
+}
+
+#[test]
+fn a_finishing_sdk_that_overruns_gets_term_then_kill_and_keeps_succeed() {
+    let mut r = deployed();
+    r.go(stop);
+    let waiter = *r.open.iter().next().unwrap();
+    r.now += GRACE - 1;
+    assert!(
+        signals(&r.go(tick)).is_empty(),
+        "not before the grace is over"
+    );
+    r.now += 1;
+    assert_eq!(signals(&r.go(tick)), vec![(1, Sig::Term)]);
+    assert!(r.m.status(r.now).activity.unwrap().contains("SIGTERM"));
+    r.now += GRACE - 1;
+    assert!(signals(&r.go(tick)).is_empty());
+    r.now += 1;
+    assert_eq!(signals(&r.go(tick)), vec![(1, Sig::Kill)]);
+    let fx = r.go(|r| Event::BuildExited {
+        build_id: r.bid(),
+        exit: Exit::Signal(9),
+        group_alive: false,
+    });
+    let rep = reply_to(&fx, waiter);
+    assert!(rep.message.unwrap().contains("may be incomplete"));
+    assert_eq!(r.last_build().outcome, Outcome::Succeeded);
+}
+
+#[test]
+fn a_finishing_sdk_that_ends_leaving_helpers_has_them_killed_at_once() {
+    let mut r = deployed();
+    r.go(stop);
+    let fx = r.go(|r| Event::BuildExited {
+        build_id: r.bid(),
+        exit: Exit::Code(0),
+        group_alive: true,
+    });
+    assert_eq!(signals(&fx), vec![(1, Sig::Kill)]);
+    let fx = r.go(group_gone);
+    check(
+        &fx,
+        &[PERSIST, STATUS, UNMOUNT, ok("stop")],
+        Some(1),
+        "helpers gone",
+    );
+    assert_eq!(r.last_build().outcome, Outcome::Succeeded);
+}
+
+#[test]
+fn a_stop_before_the_success_line_terms_at_once() {
+    let mut r = building();
+    assert_eq!(signals(&r.go(stop)), vec![(1, Sig::Term)]);
+    // The success line logged while it exits does not undo the stop's SIGTERM.
+    r.go(log_success);
+    r.go(term_exit);
+    assert_eq!(r.last_build().outcome, Outcome::Succeeded);
+}
+
+#[test]
+fn an_exit_1_after_the_success_line_fails_saying_so() {
+    let mut r = deployed();
+    r.go(|r| Event::LogRead {
+        build_id: r.bid(),
+        news: LogNews {
+            error: Some("appsdk - ERROR: copy failed".into()),
+            ..LogNews::default()
+        },
+    });
+    r.go(|r| Event::BuildExited {
+        build_id: r.bid(),
+        exit: Exit::Code(1),
+        group_alive: false,
+    });
+    let b = r.last_build();
+    assert_eq!(b.outcome, Outcome::Failed);
+    let reason = b.fail_reason.unwrap();
+    assert!(
+        reason.contains("logged its success line, then exited with code 1"),
+        "{reason}"
+    );
+    assert!(reason.contains("appsdk - ERROR: copy failed"), "{reason}");
+}
+
+#[test]
+fn a_failure_quotes_the_first_error_line() {
+    let mut r = building();
+    for line in ["appsdk - ERROR: first", "appsdk - ERROR: second"] {
+        let build_id = r.bid();
+        r.step(Event::LogRead {
+            build_id,
+            news: LogNews {
+                error: Some(line.into()),
+                ..LogNews::default()
+            },
+        });
+    }
+    r.go(|r| Event::BuildExited {
+        build_id: r.bid(),
+        exit: Exit::Code(1),
+        group_alive: false,
+    });
+    let reason = r.last_build().fail_reason.unwrap();
+    assert!(
+        reason.contains("code 1: appsdk - ERROR: first; see /w/log/log.appsdk"),
+        "{reason}"
+    );
+}
+
+#[test]
+fn log_news_of_another_build_changes_nothing() {
+    let mut r = building();
+    let fx = r.go(|_| Event::LogRead {
+        build_id: STALE,
+        news: LogNews {
+            success: true,
+            ..LogNews::default()
+        },
+    });
+    assert!(fx.is_empty());
+    assert!(!r.m.current_build().unwrap().success_logged);
+    assert_eq!(signals(&r.go(stop)), vec![(1, Sig::Term)]);
+}
+
+#[test]
+fn logs_of_a_started_build_answer_with_the_path_its_log_will_have() {
+    let mut r = building();
+    let (id, fx) = r.ask(Request::Logs {
+        path: "/w/log/log.appsdk".into(),
+        missing: Some("No log file found".into()),
+    });
+    let rep = reply_to(&fx, id);
+    assert_eq!(rep.result, ReplyResult::Succeed);
+    assert_eq!(rep.log_file_path, Some(PathBuf::from("/w/log/log.appsdk")));
+    assert!(rep.message.unwrap().contains("not created"));
+    // Another workdir's missing log is still missing.
+    let (id, fx) = r.ask(Request::Logs {
+        path: "/other/log/log.appsdk".into(),
+        missing: Some("No log file found".into()),
+    });
+    assert_eq!(reply_to(&fx, id).result, ReplyResult::Fail);
+}
+
+fn recovered_build(found: Recovered) -> BuildRecord {
+    let running = BuildRecord {
+        id: 3,
+        workdir: "/w".into(),
+        yaml_file: "/w/lat.yaml".into(),
+        kind: BuildKind::Genimage,
+        log_file: "/w/log/log.appsdk".into(),
+        started_at: T0 - 60_000,
+        ended_at: None,
+        outcome: Outcome::Running,
+        exit_code: None,
+        signal: None,
+        fail_reason: None,
+        process: Some(PROC),
+        sdk_log: None,
+        success_logged: false,
+        error_line: None,
+    };
+    let persisted = Persisted {
+        next_build_id: 4,
+        current: Some(running),
+        history: Vec::new(),
+    };
+    let m = Machine::new(config(5), persisted, T0, found);
+    m.history().last().unwrap().clone()
+}
+
+#[test]
+fn a_build_that_finished_while_latd_was_down_gets_the_result_its_log_shows() {
+    let log = |success: bool, error: Option<&str>| LogNews {
+        file: Some("/w/log/log.appsdk_1700000000".into()),
+        success,
+        error: error.map(String::from),
+    };
+    let b = recovered_build(Recovered {
+        killed: 0,
+        log: log(true, None),
+    });
+    assert_eq!((b.outcome, b.fail_reason), (Outcome::Succeeded, None));
+    assert_eq!(b.sdk_log, Some("/w/log/log.appsdk_1700000000".into()));
+
+    let b = recovered_build(Recovered {
+        killed: 0,
+        log: log(false, Some("appsdk - ERROR: boom")),
+    });
+    assert_eq!(b.outcome, Outcome::Failed);
+    assert!(b
+        .fail_reason
+        .unwrap()
+        .contains("failed while latd was down: appsdk - ERROR: boom"));
+
+    // Its processes were still running (killed): the deploy was cut short.
+    let b = recovered_build(Recovered {
+        killed: 3,
+        log: log(true, None),
+    });
+    assert_eq!(b.outcome, Outcome::Failed);
+    let reason = b.fail_reason.unwrap();
+    assert!(
+        reason.contains("after its success line") && reason.contains("3 leftover"),
+        "{reason}"
+    );
+
+    let b = recovered_build(Recovered::default());
+    assert!(b
+        .fail_reason
+        .unwrap()
+        .contains("none of its processes were left"));
 }

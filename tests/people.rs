@@ -395,7 +395,7 @@ fn history_shows_human_times_and_the_reason() {
     let text = stdout(&o);
     assert!(text.starts_with("   ID  STARTED"), "{text}");
     assert!(text.contains("REASON"), "{text}");
-    assert!(text.contains("exited with code 2"), "{text}");
+    assert!(text.contains("exited with code 1"), "{text}");
     assert!(text.contains("interrupted"), "{text}");
     assert!(has_human_time(&text), "{text}");
     let o = env.latc(&["history", "--json"]);

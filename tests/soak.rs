@@ -281,7 +281,10 @@ fn latc_client(
             (Act::Status, Some(0)) => {
                 out.contains("lat_status: ") && out.contains("build_status: ")
             }
-            (Act::Logs, Some(0)) => out.contains("INFO: appsdk "),
+            (Act::Logs, Some(0)) => {
+                out.contains("INFO: appsdk ")
+                    || (out.is_empty() && err.contains("its SDK has not created this log yet"))
+            }
             // The log named in the reply can be moved aside by a new build
             // before latc reads it.
             (Act::Logs, Some(1)) => {

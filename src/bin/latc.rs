@@ -527,9 +527,27 @@ fn print_reply_file(reply: &Reply, path: Option<&Path>, what: &str, out: &Out) -
         out.error(&format!("latd's reply names no {what} file"));
         return EXIT_FAILED;
     };
-    match latd::fsutil::read_regular(path) {
+    // The SDK's log is a symlink to a file beside it; that step is followed.
+    let read = if reply.log_file_path.is_some() {
+        latd::fsutil::open_log(path).and_then(|(mut f, _)| {
+            let mut bytes = Vec::new();
+            std::io::Read::read_to_end(&mut f, &mut bytes).map(|_| bytes)
+        })
+    } else {
+        latd::fsutil::read_regular(path)
+    };
+    match read {
         Ok(bytes) => {
             emit(&bytes);
+            EXIT_OK
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound && reply.message.is_some() => {
+            // A build has started but its SDK has not created the log yet.
+            out.say(&format!(
+                "{}: {} (try again in a moment, or 'latc logs --follow')",
+                reply.message.as_deref().unwrap_or_default(),
+                path.display()
+            ));
             EXIT_OK
         }
         Err(e) => {
@@ -747,10 +765,17 @@ fn build(client: &Client, args: &Args, b: &BuildCmd, out: &Out) -> Result<i32, C
             return Ok(EXIT_FAILED);
         }
     };
-    let reply = client.request(Action::Build, Some(&abs))?;
-    if reply.result == ReplyResult::Fail {
-        return Ok(refused(&reply, out));
-    }
+    let reply = match client.request(Action::Build, Some(&abs)) {
+        Ok(reply) if reply.result == ReplyResult::Succeed => reply,
+        Ok(reply) => {
+            set_aside_earlier_log(client, out);
+            return Ok(refused(&reply, out));
+        }
+        Err(e) => {
+            set_aside_earlier_log(client, out);
+            return Err(e);
+        }
+    };
     out.say(&format!(
         "build {} started; log: {}",
         reply.build_id.map(|i| i.to_string()).unwrap_or_default(),
@@ -825,6 +850,42 @@ fn stop_progress(probe: &Client, done: &AtomicBool) -> bool {
         shown = true;
     }
     shown
+}
+
+/// No build was started, so `<workspace>/log/log.appsdk` is an earlier
+/// build's log: it is moved out of the way, so that nobody who waits for
+/// that name to appear (StarlingX's build-image does) takes it, and its old
+/// success line, for this build's. Nothing is lost: the real SDK's
+/// `log.appsdk` is a symlink, which is removed (the file it names stays);
+/// a plain file is renamed to `log.appsdk.previous`.
+fn set_aside_earlier_log(client: &Client, out: &Out) {
+    let log = client.workspace.join("log").join(latd::sdklog::LOG_NAME);
+    let Ok(md) = std::fs::symlink_metadata(&log) else {
+        return;
+    };
+    let done = if md.file_type().is_symlink() {
+        let target = std::fs::read_link(&log).unwrap_or_default();
+        std::fs::remove_file(&log).map(|()| {
+            format!(
+                "removed the symlink {} (the earlier build's log stays in {})",
+                log.display(),
+                target.display()
+            )
+        })
+    } else {
+        let aside = log.with_file_name("log.appsdk.previous");
+        std::fs::rename(&log, &aside)
+            .map(|()| format!("moved {} to {}", log.display(), aside.display()))
+    };
+    match done {
+        Ok(what) => out.error(&format!(
+            "no build was started, so the log there is an earlier build's: {what}"
+        )),
+        Err(e) => out.error(&format!(
+            "no build was started, and the earlier build's log {} could not be moved aside ({e}): do not take it for this build's",
+            log.display()
+        )),
+    }
 }
 
 /// Waits for the build that runs now (or the last one, if none runs).

@@ -175,14 +175,19 @@ impl TestEnv {
         yaml
     }
 
-    /// Waits until the stand-in build has started its workers (and set up
-    /// its signal handling).
+    /// Waits until the stand-in build that runs now has started its workers
+    /// (and set up its signal handling). Its log line names its pid: two
+    /// builds in one second share one log file, as with the real SDK.
     pub fn wait_workers(&self) {
         let log = self.ws.join("log/log.appsdk");
         wait_until(Duration::from_secs(10), "the build's workers", || {
-            fs::read_to_string(&log)
-                .unwrap_or_default()
-                .contains("worker")
+            let s = self.status_json();
+            let pid = &s["build"]["process"]["pid"];
+            s["build"]["outcome"] == "running"
+                && pid.is_u64()
+                && fs::read_to_string(&log)
+                    .unwrap_or_default()
+                    .contains(&format!("(appsdk {pid})"))
         });
     }
 

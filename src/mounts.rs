@@ -1,0 +1,171 @@
+//! Mounts a build leaves under its workdir.
+//!
+//! The real SDK bind-mounts `/dev`, `/dev/pts`, `/proc` and `/sys` into the
+//! rootfs it builds under the workdir and unmounts them on its way out; a
+//! build that is killed leaves them mounted, and a later `rm -rf` of the
+//! workdir would reach the host's `/dev`. latd notes which mounts exist
+//! under a workdir before a build starts and, once none of the build's
+//! processes remain, unmounts (lazily, like the SDK's `umount -l`) every
+//! mount under it that is new, deepest first. Mounts that were there
+//! before the build are never touched.
+//!
+//! A mount point is reached from the workspace root one component at a
+//! time without following symlinks, and unmounted through that descriptor
+//! only if it is the very mount that was found, so a client who renames or
+//! swaps directories meanwhile cannot make root unmount anything else.
+
+use crate::fsutil;
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+
+/// A mount, as `/proc/self/mountinfo` lists it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Mount {
+    pub id: u64,
+    pub point: PathBuf,
+}
+
+/// Every mount of this process's namespace.
+pub fn all() -> Vec<Mount> {
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .map(|t| parse_mountinfo(&t))
+        .unwrap_or_default()
+}
+
+/// Parses mountinfo(5) lines: the mount id is the first field, the mount
+/// point the fifth (with spaces and the like octal-escaped).
+pub fn parse_mountinfo(text: &str) -> Vec<Mount> {
+    text.lines()
+        .filter_map(|l| {
+            let mut f = l.split(' ');
+            let id = f.next()?.parse().ok()?;
+            let point = unescape(f.nth(3)?);
+            Some(Mount {
+                id,
+                point: PathBuf::from(point),
+            })
+        })
+        .collect()
+}
+
+fn unescape(s: &str) -> std::ffi::OsString {
+    use std::os::unix::ffi::OsStringExt;
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'\\'
+            && i + 3 < b.len()
+            && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c))
+        {
+            let v = (b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0');
+            out.push(v);
+            i += 4;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    std::ffi::OsString::from_vec(out)
+}
+
+/// The mounts strictly below `dir`.
+pub fn below(mounts: &[Mount], dir: &Path) -> Vec<Mount> {
+    mounts
+        .iter()
+        .filter(|m| m.point != dir && m.point.starts_with(dir))
+        .cloned()
+        .collect()
+}
+
+/// What was mounted under a workdir when its build started.
+#[derive(Debug, Clone, Default)]
+pub struct Snapshot {
+    pub workdir: PathBuf,
+    before: HashSet<u64>,
+}
+
+impl Snapshot {
+    pub fn take(workdir: &Path) -> Snapshot {
+        Snapshot {
+            workdir: workdir.to_path_buf(),
+            before: below(&all(), workdir).into_iter().map(|m| m.id).collect(),
+        }
+    }
+
+    /// Unmounts what is new under the workdir (beneath the workspace
+    /// `root`); returns the mount points removed and those that could not
+    /// be.
+    pub fn release(&self, root: &Path) -> (Vec<PathBuf>, Vec<(PathBuf, String)>) {
+        let mut done = Vec::new();
+        let mut failed = Vec::new();
+        // Unmounting one can reveal one it covered: look again until
+        // nothing new is left (bounded: each round removes at least one).
+        for _ in 0..64 {
+            let mut new: Vec<Mount> = below(&all(), &self.workdir)
+                .into_iter()
+                .filter(|m| !self.before.contains(&m.id))
+                .filter(|m| !failed.iter().any(|(p, _)| p == &m.point))
+                .collect();
+            if new.is_empty() {
+                break;
+            }
+            new.sort_by_key(|m| std::cmp::Reverse(m.point.components().count()));
+            for m in new {
+                match unmount_exactly(root, &m) {
+                    Ok(()) => done.push(m.point),
+                    Err(e) => failed.push((m.point, e)),
+                }
+            }
+        }
+        (done, failed)
+    }
+}
+
+/// Unmounts `m` if the directory reached at its path (from `root`, no
+/// symlink followed) is that mount's root.
+fn unmount_exactly(root: &Path, m: &Mount) -> Result<(), String> {
+    use std::os::fd::AsRawFd;
+    let dir = fsutil::open_dir_beneath(root, &m.point).map_err(|e| e.to_string())?;
+    let fdinfo = std::fs::read_to_string(format!("/proc/self/fdinfo/{}", dir.as_raw_fd()))
+        .map_err(|e| e.to_string())?;
+    let mnt_id = fdinfo
+        .lines()
+        .find_map(|l| l.strip_prefix("mnt_id:"))
+        .and_then(|v| v.trim().parse::<u64>().ok());
+    if mnt_id != Some(m.id) {
+        return Err("the path no longer leads to that mount".into());
+    }
+    let target = std::ffi::CString::new(format!("/proc/self/fd/{}", dir.as_raw_fd()))
+        .map_err(|e| e.to_string())?;
+    // SAFETY: a NUL-terminated path; umount2 has no memory effects.
+    let r = unsafe { libc::umount2(target.as_ptr(), libc::MNT_DETACH) };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error().to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mountinfo_lines_are_parsed_with_escapes() {
+        let text = "22 1 0:21 / /proc rw,nosuid - proc proc rw\n\
+                    40 22 0:35 / /w/a\\040b/dev rw - tmpfs x rw\n";
+        let m = parse_mountinfo(text);
+        assert_eq!(
+            m[0],
+            Mount {
+                id: 22,
+                point: "/proc".into()
+            }
+        );
+        assert_eq!(m[1].point, PathBuf::from("/w/a b/dev"));
+        assert_eq!(below(&m, Path::new("/w")).len(), 1);
+        assert!(below(&m, Path::new("/w/a b/dev")).is_empty());
+        assert!(below(&m, Path::new("/pro")).is_empty());
+    }
+}
