@@ -158,7 +158,7 @@ impl Side {
             ])
             .arg(&root)
             .arg(env.root.join("localdisk"))
-            .arg(env.root.join("lat"))
+            .arg(image_bin())
             .arg(if sdk { sdk_dir() } else { PathBuf::new() })
             .arg(name)
             .args(cmd)
@@ -278,22 +278,47 @@ impl Drop for Side {
     }
 }
 
-/// The workspace (the pod's hostPath /localdisk, owned by the build user)
-/// and the image's /opt/LAT/lat, installed by the install script.
+fn musl_installed() -> bool {
+    Command::new("rustup")
+        .args(["target", "list", "--installed"])
+        .output()
+        .map(|o| stdout(&o).lines().any(|l| l == "x86_64-unknown-linux-musl"))
+        .unwrap_or(false)
+}
+
+/// The image's /opt/LAT/lat, made once by the install script: the static
+/// release where the musl target is installed (as in CI), else this test
+/// build (saying so).
+fn image_bin() -> &'static Path {
+    static BIN: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    BIN.get_or_init(|| {
+        let dest = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("deploy-image");
+        let _ = fs::remove_dir_all(&dest);
+        let mut cmd = Command::new(repo().join("deploy/install.sh"));
+        cmd.arg("--destdir").arg(&dest);
+        if !musl_installed() {
+            skipped(
+                "the static release in the deployment tests: no x86_64-unknown-linux-musl target; they run this host's test build instead",
+            );
+            let built = Path::new(LATD).parent().unwrap();
+            // Built for this host, not for bullseye: no glibc check.
+            cmd.arg("--from").arg(built).arg("--no-check");
+        }
+        let o = cmd.output().unwrap();
+        assert!(o.status.success(), "install.sh: {}{}", stdout(&o), stderr(&o));
+        fs::set_permissions(&dest, fs::Permissions::from_mode(0o755)).unwrap();
+        dest.join("opt/LAT/lat")
+    })
+}
+
+/// The workspace (the pod's hostPath /localdisk, owned by the build user);
+/// the image's /opt/LAT/lat is [`image_bin`].
 fn deployment(tag: &str) -> TestEnv {
     let env = TestEnv::new(tag);
     let ws = env.root.join("localdisk");
     fs::create_dir_all(&ws).unwrap();
     std::os::unix::fs::chown(&ws, Some(BUILD_UID), Some(BUILD_UID)).unwrap();
-    let built = Path::new(LATD).parent().unwrap();
-    let o = Command::new(repo().join("deploy/install.sh"))
-        .args(["--from", built.to_str().unwrap()])
-        .args(["--prefix", env.root.join("lat").to_str().unwrap()])
-        // The test's binaries are built for this host, not for bullseye.
-        .arg("--no-check")
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "install.sh: {}", stderr(&o));
+    image_bin();
     // Readable by all, as in the image; the SDK's YAML as the caller has it.
     fs::set_permissions(&env.root, fs::Permissions::from_mode(0o755)).unwrap();
     env
@@ -631,12 +656,7 @@ fn two_daemons_on_volumes_mounted_at_one_path_keep_their_own_processes() {
 #[test]
 fn the_release_build_is_static_and_installs_into_the_image_layout() {
     let test = "the_release_build_is_static_and_installs_into_the_image_layout";
-    let musl = Command::new("rustup")
-        .args(["target", "list", "--installed"])
-        .output()
-        .map(|o| stdout(&o).lines().any(|l| l == "x86_64-unknown-linux-musl"))
-        .unwrap_or(false);
-    if !musl {
+    if !musl_installed() {
         skipped(&format!(
             "{test}: the Rust target x86_64-unknown-linux-musl is not installed (rustup target add x86_64-unknown-linux-musl; CI does)"
         ));
