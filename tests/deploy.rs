@@ -452,9 +452,7 @@ fn a_restart_of_the_lat_side_kills_its_build_and_the_next_latd_says_so() {
         let o = builder.latc(&["--file=/localdisk/lat.yaml", "build"]);
         assert!(o.status.success(), "{how}: {}", stderr(&o));
         let mark = mark_of(&channel);
-        wait_until(Duration::from_secs(10), "the build's processes", || {
-            marked(&mark).len() >= 3
-        });
+        wait_workers(env.root.join("localdisk/log/log.appsdk"), &mark);
         if round == 0 {
             // SAFETY: kill has no memory effects.
             unsafe { libc::kill(latd, libc::SIGKILL) };
@@ -530,6 +528,17 @@ fn a_rolling_update_hands_the_channel_from_the_old_lat_side_to_the_new() {
     assert!(out.contains("CALLER: stopped"), "{out}");
 }
 
+/// Waits until the build whose log is `log` has its workers (the log says
+/// so, and the leader and two workers carry `mark`).
+fn wait_workers(log: PathBuf, mark: &str) {
+    wait_until(Duration::from_secs(20), "the build's workers", || {
+        fs::read_to_string(&log)
+            .unwrap_or_default()
+            .contains("worker")
+            && marked(mark).len() >= 3
+    });
+}
+
 /// Two latds in one pid namespace, each on its own volume mounted at the
 /// same path (each in a mount namespace of its own): starting or restarting
 /// one never kills the other's build, and a restart still kills what its
@@ -599,9 +608,7 @@ fn two_daemons_on_volumes_mounted_at_one_path_keep_their_own_processes() {
     let mut a = start(&va, "a");
     let mark_a = mark_of(&va.join("channel"));
     build(&a, &va);
-    wait_until(Duration::from_secs(10), "a's build", || {
-        marked(&mark_a).len() >= 3
-    });
+    wait_workers(va.join("log/log.appsdk"), &mark_a);
     let status_a = |a: &Daemon| -> serde_json::Value {
         let o = latc_in(a, &["status", "--json"]);
         serde_json::from_slice(&o.stdout).unwrap()
@@ -623,9 +630,7 @@ fn two_daemons_on_volumes_mounted_at_one_path_keep_their_own_processes() {
     let mark_b = mark_of(&vb.join("channel"));
     assert_ne!(mark_a, mark_b);
     build(&b, &vb);
-    wait_until(Duration::from_secs(10), "b's build", || {
-        marked(&mark_b).len() >= 3
-    });
+    wait_workers(vb.join("log/log.appsdk"), &mark_b);
     b.kill9();
     let b_left = marked(&mark_b);
     assert!(!b_left.is_empty());
