@@ -58,10 +58,16 @@ pub enum Pick {
 /// Requests read per tick at most: the rest wait for the next tick, so
 /// the heartbeat, reaping and status never wait for a long backlog.
 pub const BATCH: usize = 256;
-/// Of a tick's batch, how many go first to requests that were not there
-/// at the previous listing, so a new client is answered at once however
-/// long the backlog; the rest of the batch goes round the backlog.
-const FRESH_SHARE: usize = BATCH / 2;
+/// Names one listing queues at most, served a batch per tick until the
+/// next listing; half of them go first to requests that were not there at
+/// the previous listing, so a new client is answered at once however long
+/// the backlog; the rest go round the backlog.
+const QUEUE: usize = 4 * BATCH;
+const FRESH_SHARE: usize = QUEUE / 2;
+/// While a backlog is served from the queue, the channel is listed again
+/// this often (a listing of a directory of 100k names is costly), so the
+/// original slot and new clients wait at most this long behind it.
+const RELIST_EVERY: Duration = Duration::from_millis(250);
 /// How many names of a listing are remembered to tell fresh requests
 /// from the backlog (as 8-byte hashes).
 const SEEN_CAP: usize = 1 << 18;
@@ -153,6 +159,10 @@ pub struct Channel {
     cursor: Option<String>,
     /// The last listing showed more requests than one batch takes.
     backlog: bool,
+    /// Requests the last listing picked that no tick has served yet, and
+    /// when that listing was.
+    queue: VecDeque<Pick>,
+    listed_at: Option<Instant>,
     /// Replies (`rep-*`) waiting uncollected at the last listing, plus
     /// the junk replies written since.
     uncollected: usize,
@@ -234,6 +244,8 @@ impl Channel {
             seen: HashSet::new(),
             cursor: None,
             backlog: false,
+            queue: VecDeque::new(),
+            listed_at: None,
             uncollected: 0,
             junk_dropped: 0,
             sweeping: None,
@@ -632,16 +644,24 @@ impl Channel {
         same
     }
 
-    /// Lists the channel and picks the requests to serve this tick: the
-    /// original slot, then at most [`BATCH`] others, fresh ones first (up
-    /// to [`FRESH_SHARE`]), then the backlog in turn after the last one
-    /// served. Only names are held, a batch's worth; each request is read,
-    /// served and dropped before the next one ([`Channel::read`]).
+    /// The requests to serve this tick: the original slot, then at most
+    /// [`BATCH`] others. A listing queues at most [`QUEUE`] names, fresh
+    /// ones first (up to [`FRESH_SHARE`]), then the backlog in turn after
+    /// the last one served; while the queue lasts, the channel is listed
+    /// again only every [`RELIST_EVERY`]. Only names are held; each request
+    /// is read, served and dropped before the next one ([`Channel::read`]).
     pub fn scan(&mut self) -> io::Result<Vec<Pick>> {
         self.remove_handled();
+        let relist =
+            self.queue.is_empty() || self.listed_at.is_none_or(|t| t.elapsed() >= RELIST_EVERY);
+        if !relist {
+            let n = self.queue.len().min(BATCH);
+            return Ok(self.queue.drain(..n).collect());
+        }
         if !self.backlog && self.unchanged() {
             return Ok(Vec::new());
         }
+        self.listed_at = Some(Instant::now());
         let entries = match fs::read_dir(&self.via) {
             Ok(e) => {
                 if self.broken {
@@ -664,7 +684,7 @@ impl Channel {
         let mut after: BinaryHeap<String> = BinaryHeap::new();
         let mut before: BinaryHeap<String> = BinaryHeap::new();
         let keep = |heap: &mut BinaryHeap<String>, name: &str| {
-            if heap.len() < BATCH {
+            if heap.len() < QUEUE {
                 heap.push(name.to_string());
             } else if heap.peek().is_some_and(|top| name < top.as_str()) {
                 heap.pop();
@@ -702,7 +722,6 @@ impl Channel {
         }
         self.seen = seen;
         self.uncollected = replies;
-        let mut picks: Vec<Pick> = legacy.into_iter().map(Pick::Legacy).collect();
         let fresh = fresh.into_sorted_vec();
         let old: Vec<String> = after
             .into_sorted_vec()
@@ -711,32 +730,43 @@ impl Channel {
             .collect();
         let fresh_n = fresh
             .len()
-            .min(FRESH_SHARE.max(BATCH.saturating_sub(old.len())));
-        let old_n = old.len().min(BATCH - fresh_n);
-        picks.extend(
+            .min(FRESH_SHARE.max(QUEUE.saturating_sub(old.len())));
+        let old_n = old.len().min(QUEUE - fresh_n);
+        self.queue.clear();
+        self.queue.extend(
             fresh
                 .into_iter()
                 .take(fresh_n)
                 .map(|id| Pick::Named { id, fresh: true }),
         );
-        picks.extend(
+        self.queue.extend(
             old.into_iter()
                 .take(old_n)
                 .map(|id| Pick::Named { id, fresh: false }),
         );
         self.backlog = listed > fresh_n + old_n;
-        if self.backlog {
-            log::debug!(
-                "{listed} requests waiting; serving {} this tick",
-                fresh_n + old_n
-            );
+        if listed > BATCH {
+            log::debug!("{listed} requests waiting; serving them {BATCH} a tick");
         }
+        let n = self.queue.len().min(BATCH);
+        let mut picks: Vec<Pick> = legacy.into_iter().map(Pick::Legacy).collect();
+        picks.extend(self.queue.drain(..n));
         Ok(picks)
     }
 
-    /// Whether the last listing left requests for later ticks.
+    /// Puts back what a tick picked but had no time to read: first in
+    /// line for the next tick.
+    pub fn give_back(&mut self, picks: Vec<Pick>) {
+        for p in picks.into_iter().rev() {
+            if matches!(p, Pick::Named { .. }) {
+                self.queue.push_front(p);
+            }
+        }
+    }
+
+    /// Whether requests wait for later ticks.
     pub fn has_backlog(&self) -> bool {
-        self.backlog
+        self.backlog || !self.queue.is_empty()
     }
 
     /// Reads one request the listing picked; `None` if there is nothing

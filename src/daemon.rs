@@ -573,8 +573,12 @@ impl Daemon {
             // One request at a time: read, served, dropped. A batch that
             // runs long is cut, and the rest waits for the next tick.
             let start = Instant::now();
-            for pick in picks {
+            let mut picks = picks.into_iter();
+            while let Some(pick) = picks.next() {
                 if start.elapsed() >= BATCH_TIME {
+                    let mut rest = vec![pick];
+                    rest.extend(picks);
+                    self.channel.give_back(rest);
                     break;
                 }
                 if let Some(inc) = self.channel.read(pick) {
