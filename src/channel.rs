@@ -92,7 +92,8 @@ const REMOVE_HANDLED_BATCH: usize = 256;
 /// Files replaced this tick held open at most (their blocks are freed
 /// when they are let go; see [`fsutil::replace_atomic`]).
 const RETIRED_CAP: usize = 32;
-/// How long the sweep works per tick at most.
+/// How long the sweep works per tick at most (or as long as the last
+/// listing took, if longer).
 const SWEEP_TIME: Duration = Duration::from_millis(50);
 /// Prefix of the hidden name an unusable entry is moved aside to.
 pub const ASIDE_PREFIX: &str = ".latd-aside-";
@@ -163,6 +164,9 @@ pub struct Channel {
     /// when that listing was.
     queue: VecDeque<Pick>,
     listed_at: Option<Instant>,
+    /// How long the last listing took: the sweep gets at least as long
+    /// per tick, so in a huge channel it is not starved by the listings.
+    listing_took: Duration,
     /// Replies (`rep-*`) waiting uncollected at the last listing, plus
     /// the junk replies written since.
     uncollected: usize,
@@ -246,6 +250,7 @@ impl Channel {
             backlog: false,
             queue: VecDeque::new(),
             listed_at: None,
+            listing_took: Duration::ZERO,
             uncollected: 0,
             junk_dropped: 0,
             sweeping: None,
@@ -490,7 +495,7 @@ impl Channel {
         self.sweeping.is_some()
     }
 
-    /// Sweeps the next slice (at most [`SWEEP_TIME`] of work): a channel
+    /// Sweeps the next slice (about [`SWEEP_TIME`] of work): a channel
     /// holding a million stale replies is cleared over many ticks, each
     /// short, instead of one tick that blinds latd for a minute.
     pub fn sweep_step(&mut self) {
@@ -499,8 +504,9 @@ impl Channel {
         };
         let now = SystemTime::now();
         let start = Instant::now();
+        let budget = SWEEP_TIME.max(self.listing_took);
         for n in 0.. {
-            if n % 256 == 255 && start.elapsed() >= SWEEP_TIME {
+            if n % 256 == 255 && start.elapsed() >= budget {
                 break;
             }
             let Some(e) = entries.next() else {
@@ -661,7 +667,8 @@ impl Channel {
         if !self.backlog && self.unchanged() {
             return Ok(Vec::new());
         }
-        self.listed_at = Some(Instant::now());
+        let listing_started = Instant::now();
+        self.listed_at = Some(listing_started);
         let entries = match fs::read_dir(&self.via) {
             Ok(e) => {
                 if self.broken {
@@ -722,6 +729,7 @@ impl Channel {
         }
         self.seen = seen;
         self.uncollected = replies;
+        self.listing_took = listing_started.elapsed();
         let fresh = fresh.into_sorted_vec();
         let old: Vec<String> = after
             .into_sorted_vec()

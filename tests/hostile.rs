@@ -361,7 +361,7 @@ fn stale_replies_by_the_thousand_do_not_hold_up_requests() {
             tail(&env.daemon_log())
         )
     });
-    let swept = poll_until(Duration::from_secs(600), || {
+    let swept = poll_until(Duration::from_secs(scale(300, 3600) as u64), || {
         count_prefix(&env.channel, "rep-stale-") == 0
     });
     assert!(
