@@ -462,10 +462,12 @@ pub fn run(settings: Settings) -> Result<(), String> {
         last_sweep: Instant::now(),
     };
     // Record the recovered state before answering anything.
-    d.perform_all(vec![
+    let mut first = vec![
         Effect::Persist(d.machine.persisted()),
         Effect::WriteStatus(d.machine.status(now)),
-    ]);
+    ];
+    first.extend(d.machine.startup_effects());
+    d.perform_all(first);
     log::info!(
         "latd {} serving channel {} (workspace {}, SDK {})",
         env!("CARGO_PKG_VERSION"),
@@ -695,6 +697,20 @@ impl Daemon {
             Effect::StartGetYaml { job, workdir } => {
                 log::info!("running appsdk exampleyamls in {}", workdir.display());
                 self.procs.spawn_getyaml(&self.sdk, job, &workdir)
+            }
+            Effect::EndLog {
+                build_id,
+                file,
+                line,
+            } => {
+                match sdklog::append(&self.root, &file, &line) {
+                    Ok(()) => log::info!("build {build_id}: noted its end in {}", file.display()),
+                    Err(e) => log::warn!(
+                        "build {build_id}: cannot note its end in {}: {e}",
+                        file.display()
+                    ),
+                }
+                None
             }
             Effect::ReleaseMounts { build_id } => {
                 self.procs.release_mounts(build_id, &self.root);

@@ -274,6 +274,14 @@ pub enum Effect {
     /// Unmount what build `build_id` left mounted under its workdir (none
     /// of its processes remain); mounts that were there before it stay.
     ReleaseMounts { build_id: u64 },
+    /// Append `line` to the SDK's log `file` of a build that ended without
+    /// success and without an error line of the SDK's: whoever follows the
+    /// log for its markers (build-image's `tail -f`) learns it ended.
+    EndLog {
+        build_id: u64,
+        file: PathBuf,
+        line: String,
+    },
     /// Kill a background job that overran its time (no outcome expected).
     CancelJob { job: JobId },
     /// Write `status.lat`.
@@ -717,6 +725,8 @@ pub struct Machine {
     /// Set by a handler that changed what [`Machine::persisted`] returns
     /// without changing the state kind (a state change always persists).
     dirty: bool,
+    /// See [`Machine::startup_effects`].
+    startup: Vec<Effect>,
 }
 
 impl Machine {
@@ -727,6 +737,7 @@ impl Machine {
     pub fn new(config: Config, persisted: Persisted, now: Millis, found: Recovered) -> Machine {
         let mut history: VecDeque<BuildRecord> = persisted.history.into();
         let mut next_build_id = persisted.next_build_id.max(1);
+        let mut recovered_end_log = Vec::new();
         if let Some(mut b) = persisted.current {
             if let Some(file) = found.log.file {
                 b.sdk_log = Some(file);
@@ -737,6 +748,7 @@ impl Machine {
             }
             let (outcome, reason) = recovered_outcome(&b, found.killed);
             b.finish(now, None, outcome, reason);
+            recovered_end_log.extend(end_log(&b));
             next_build_id = next_build_id.max(b.id + 1);
             history.push_back(b);
         }
@@ -752,9 +764,16 @@ impl Machine {
             getyaml: None,
             exited: false,
             dirty: false,
+            startup: recovered_end_log,
         };
         m.trim_history();
         m
+    }
+
+    /// What the driver must do before it serves (for a build that was
+    /// running when the last daemon died). Returns it once.
+    pub fn startup_effects(&mut self) -> Vec<Effect> {
+        std::mem::take(&mut self.startup)
     }
 
     pub fn state(&self) -> &State {
@@ -1061,6 +1080,7 @@ impl Machine {
                     let (outcome, reason) = natural_outcome(exit, &build);
                     build.finish(now, Some(exit), outcome, reason);
                     fx.push(Effect::ReleaseMounts { build_id });
+                    fx.extend(end_log(&build));
                     self.finish_build(build);
                 }
             }
@@ -1409,6 +1429,7 @@ impl Machine {
         // Nothing of the build runs any more: what it mounted goes before
         // anyone is told (the deployed caller's chown and rm come next).
         fx.push(Effect::ReleaseMounts { build_id });
+        fx.extend(end_log(&build));
         for id in waiters {
             let mut reply = Reply::succeed("stop").with_message(msg.clone());
             reply.build_id = Some(build_id);
@@ -1460,6 +1481,34 @@ impl Machine {
             self.history.pop_front();
         }
     }
+}
+
+/// The line latd adds to the SDK's log of a build that ended without its
+/// success line and without an error line of its own (stopped, killed,
+/// interrupted): it contains the failure marker, so a caller that follows
+/// the log for the markers, as build-image does, stops waiting.
+fn end_log(b: &BuildRecord) -> Option<Effect> {
+    let file = b.sdk_log.clone()?;
+    if b.outcome == Outcome::Succeeded || b.error_line.is_some() {
+        return None;
+    }
+    let why = b
+        .fail_reason
+        .as_deref()
+        .unwrap_or("it did not finish")
+        .replace(['\n', '\r'], " ");
+    Some(Effect::EndLog {
+        build_id: b.id,
+        file,
+        line: format!(
+            "latd - ERROR: build {} {}: {why}",
+            b.id,
+            match b.outcome {
+                Outcome::Stopped => "was stopped",
+                _ => "failed",
+            }
+        ),
+    })
 }
 
 /// The outcome of a build that was running when the daemon died, from its

@@ -225,6 +225,33 @@ pub fn scan_path(log: &Path) -> io::Result<LogNews> {
     Ok(news)
 }
 
+/// Appends `line` to the SDK's log `file` (below the workspace `root`,
+/// reached without following a symlink but the one beside `log.appsdk`),
+/// if it is the SDK's (owned by its user).
+pub fn append(root: &Path, file: &Path, line: &str) -> io::Result<()> {
+    use std::io::Write;
+    use std::os::fd::AsRawFd;
+    let (Some(dir), Some(name)) = (file.parent(), file.file_name().and_then(|n| n.to_str())) else {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "not a file path",
+        ));
+    };
+    let dir = fsutil::open_dir_beneath(root, dir)?;
+    let (f, _) = fsutil::open_log_at(&dir, name)?;
+    if f.metadata()?.uid() != fsutil::euid() {
+        return Err(io::Error::new(
+            io::ErrorKind::PermissionDenied,
+            "not written by the SDK (another owner)",
+        ));
+    }
+    // Reopened for appending through the descriptor: the very file checked.
+    let mut w = std::fs::OpenOptions::new()
+        .append(true)
+        .open(format!("/proc/self/fd/{}", f.as_raw_fd()))?;
+    w.write_all(format!("{line}\n").as_bytes())
+}
+
 /// Removes the oldest `log.appsdk_<secs>` files of a log directory beyond
 /// `keep` (the real SDK leaves one per build).
 pub fn prune(dir: &File, keep: usize) {

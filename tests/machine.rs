@@ -1552,6 +1552,7 @@ impl World {
                     self.step(Event::LogRead {
                         build_id,
                         news: LogNews {
+                            file: Some("/w0/log/log.appsdk_1".into()),
                             success: true,
                             ..LogNews::default()
                         },
@@ -1757,6 +1758,12 @@ impl World {
                         (reply.result == ReplyResult::Fail) == reply.fail_reason.is_some(),
                         "{ctx}: fail iff a reason"
                     );
+                }
+                Effect::EndLog { build_id, line, .. } => {
+                    let b = self.m.history().find(|b| b.id == *build_id).cloned();
+                    let b = b.unwrap_or_else(|| panic!("{ctx}: EndLog for a build not ended"));
+                    assert_ne!(b.outcome, Outcome::Succeeded, "{ctx}");
+                    assert!(line.contains("ERROR: "), "{ctx}");
                 }
                 Effect::ReleaseMounts { build_id } => {
                     // Only once nothing of the build runs (or SIGKILL could
@@ -2563,4 +2570,105 @@ fn a_build_that_finished_while_latd_was_down_gets_the_result_its_log_shows() {
         .fail_reason
         .unwrap()
         .contains("none of its processes were left"));
+}
+
+#[test]
+fn a_build_that_ends_without_a_marker_gets_one_in_its_log() {
+    let mut r = building();
+    r.go(|r| Event::LogRead {
+        build_id: r.bid(),
+        news: LogNews {
+            file: Some("/w/log/log.appsdk_9".into()),
+            ..LogNews::default()
+        },
+    });
+    r.go(stop);
+    let fx = r.go(term_exit);
+    let lines: Vec<_> = fx
+        .iter()
+        .filter_map(|e| match e {
+            Effect::EndLog { file, line, .. } => Some((file.clone(), line.clone())),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(lines.len(), 1, "{fx:#?}");
+    assert_eq!(lines[0].0, PathBuf::from("/w/log/log.appsdk_9"));
+    assert!(
+        lines[0]
+            .1
+            .starts_with("latd - ERROR: build 1 was stopped: stopped by request"),
+        "{lines:?}"
+    );
+    // Before the stop's reply, so a follower knows first.
+    let end = fx
+        .iter()
+        .position(|e| matches!(e, Effect::EndLog { .. }))
+        .unwrap();
+    let reply = fx
+        .iter()
+        .position(|e| matches!(e, Effect::Reply { .. }))
+        .unwrap();
+    assert!(end < reply);
+
+    // A success, or a failure the SDK logged itself, needs nothing added.
+    let mut r = deployed();
+    r.go(|r| Event::LogRead {
+        build_id: r.bid(),
+        news: LogNews {
+            file: Some("/w/log/log.appsdk_9".into()),
+            ..LogNews::default()
+        },
+    });
+    assert!(!r
+        .go(exit0)
+        .iter()
+        .any(|e| matches!(e, Effect::EndLog { .. })));
+    let mut r = building();
+    r.go(|r| Event::LogRead {
+        build_id: r.bid(),
+        news: LogNews {
+            file: Some("/w/log/log.appsdk_9".into()),
+            error: Some("appsdk - ERROR: x".into()),
+            ..LogNews::default()
+        },
+    });
+    let fx = r.go(|r| Event::BuildExited {
+        build_id: r.bid(),
+        exit: Exit::Code(1),
+        group_alive: false,
+    });
+    assert!(!fx.iter().any(|e| matches!(e, Effect::EndLog { .. })));
+}
+
+#[test]
+fn a_build_interrupted_by_a_restart_gets_its_end_in_its_log_at_start() {
+    let running = BuildRecord {
+        id: 3,
+        workdir: "/w".into(),
+        yaml_file: "/w/lat.yaml".into(),
+        kind: BuildKind::Genimage,
+        log_file: "/w/log/log.appsdk".into(),
+        started_at: T0 - 60_000,
+        ended_at: None,
+        outcome: Outcome::Running,
+        exit_code: None,
+        signal: None,
+        fail_reason: None,
+        process: Some(PROC),
+        sdk_log: Some("/w/log/log.appsdk_5".into()),
+        success_logged: false,
+        error_line: None,
+    };
+    let persisted = Persisted {
+        next_build_id: 4,
+        current: Some(running),
+        history: Vec::new(),
+    };
+    let mut m = Machine::new(config(5), persisted, T0, Recovered::default());
+    let fx = m.startup_effects();
+    assert!(
+        matches!(&fx[..], [Effect::EndLog { build_id: 3, line, .. }] if line.contains("ERROR: ") && line.contains("interrupted")),
+        "{fx:#?}"
+    );
+    assert!(m.startup_effects().is_empty(), "once");
 }

@@ -1,0 +1,247 @@
+//! latd and latc meet the SDK as it really is (modelled by the stand-in in
+//! tests/sdk): the log is a symlink to `log.appsdk_<secs>`, it appears only
+//! after a slow start, a killed build leaves mounts under its workdir, and
+//! builds finish on their own while latd is down.
+
+mod common;
+
+use common::*;
+use std::fs;
+use std::path::Path;
+use std::time::Duration;
+
+/// Mount points below `dir`, from this process's mountinfo.
+fn mounts_below(dir: &Path) -> Vec<String> {
+    fs::read_to_string("/proc/self/mountinfo")
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4).map(str::to_string))
+        .filter(|p| Path::new(p).starts_with(dir) && Path::new(p) != dir)
+        .collect()
+}
+
+#[test]
+fn a_killed_builds_mounts_are_released_and_clean_meets_plain_directories() {
+    if !skip_unless_root("a_killed_builds_mounts_are_released_and_clean_meets_plain_directories") {
+        return;
+    }
+    let env = TestEnv::new("mounts");
+    // A mount that was there before the build is the operator's: kept.
+    let keep = env.ws.join("workdir/cache");
+    fs::create_dir_all(&keep).unwrap();
+    let st = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "operators-cache"])
+        .arg(&keep)
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let _d = env.daemon_with(&["--grace", "1"]);
+    // A build that ignores SIGTERM is killed: the SDK's exit-time umount
+    // never runs, its mounts stay behind.
+    env.start_build("standin_duration: 60\nstandin_ignore_term: true");
+    let rootfs = env.ws.join("workdir/rootfs");
+    assert_eq!(
+        mounts_below(&rootfs).len(),
+        2,
+        "the stand-in mounted nothing"
+    );
+    let o = env.latc(&["stop"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(
+        mounts_below(&rootfs).is_empty(),
+        "left mounted after the stop: {:?}",
+        mounts_below(&rootfs)
+    );
+    assert_eq!(
+        mounts_below(&env.ws),
+        vec![keep.to_string_lossy().into_owned()],
+        "the operator's mount must stay"
+    );
+    // clean meets plain directories where the build mounted, and still
+    // will not cross the mount it did not remove.
+    let o = env.latc(&["clean"]);
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert!(stderr(&o).contains("cache"), "{}", stderr(&o));
+    assert!(!rootfs.exists(), "the build's rootfs was not removed");
+    let _ = std::process::Command::new("umount").arg(&keep).status();
+    let o = env.latc(&["clean"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+}
+
+#[test]
+fn logs_right_after_build_answer_with_the_path_the_log_will_have() {
+    let env = TestEnv::new("slowlog");
+    let _d = env.daemon();
+    let yaml = env.yaml("lat.yaml", "standin_start: 3\nstandin_duration: 0.5");
+    let o = env.latc(&["build", "--file", yaml.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let o = env.latc(&["logs"]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("has not created this log yet"),
+        "{}",
+        stderr(&o)
+    );
+    assert!(
+        stderr(&o).contains(&format!("{}/log/log.appsdk", env.ws.display())),
+        "{}",
+        stderr(&o)
+    );
+    // `--follow` waits for it, follows the symlink, and ends with the build.
+    let o = env.latc(&["logs", "--follow"]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    assert!(
+        stdout(&o).contains("appsdk - DEBUG: Deploy ovmf.qcow2"),
+        "{}",
+        stdout(&o)
+    );
+    // And plain `logs` reads the real layout (a symlink beside its file).
+    assert!(fs::symlink_metadata(env.ws.join("log/log.appsdk"))
+        .unwrap()
+        .file_type()
+        .is_symlink());
+    let o = env.latc(&["logs"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(
+        stdout(&o).starts_with("appsdk - INFO: appsdk genimage"),
+        "{}",
+        stdout(&o)
+    );
+}
+
+#[test]
+fn a_log_symlink_that_leads_out_of_the_log_directory_is_refused() {
+    let env = TestEnv::new("logout");
+    let _d = env.daemon();
+    fs::create_dir_all(env.ws.join("log")).unwrap();
+    fs::write(env.root.join("secret"), "not for the log\n").unwrap();
+    std::os::unix::fs::symlink(env.root.join("secret"), env.ws.join("log/log.appsdk")).unwrap();
+    let o = env.latc(&["logs"]);
+    assert_eq!(o.status.code(), Some(1), "{}", stdout(&o));
+    assert!(!stdout(&o).contains("not for the log"));
+    assert!(
+        stderr(&o).contains("not to a file beside it"),
+        "{}",
+        stderr(&o)
+    );
+}
+
+#[test]
+fn old_sdk_logs_are_kept_to_a_bounded_number() {
+    let env = TestEnv::new("prune");
+    fs::create_dir_all(env.ws.join("log")).unwrap();
+    for s in 0..15 {
+        fs::write(
+            env.ws.join(format!("log/log.appsdk_{}", 1_000_000 + s)),
+            "old\n",
+        )
+        .unwrap();
+    }
+    let _d = env.daemon();
+    let yaml = env.yaml(
+        "lat.yaml",
+        "standin_duration: 0.2\nstandin_post_success: 0.1",
+    );
+    let o = env.latc(&["build", "--file", yaml.to_str().unwrap(), "--wait"]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let logs: Vec<String> = fs::read_dir(env.ws.join("log"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("log.appsdk_"))
+        .collect();
+    // The ten newest before the build, and the build's own.
+    assert_eq!(logs.len(), 11, "{logs:?}");
+    assert!(
+        !logs.contains(&"log.appsdk_1000004".to_string()),
+        "{logs:?}"
+    );
+    assert!(logs.contains(&"log.appsdk_1000005".to_string()), "{logs:?}");
+}
+
+#[test]
+fn a_build_that_finished_while_latd_was_down_is_recorded_with_its_result() {
+    let env = TestEnv::new("orphan");
+    {
+        let mut d = env.daemon();
+        env.start_build("standin_duration: 1\nstandin_post_success: 0.3");
+        d.kill9();
+    }
+    // The orphaned SDK goes on to its end; then latd comes back.
+    wait_until(Duration::from_secs(20), "the orphaned build to end", || {
+        fs::read_to_string(env.ws.join("log/log.appsdk"))
+            .unwrap_or_default()
+            .contains("Report:")
+            && env.leftover_processes().is_empty()
+    });
+    fs::remove_file(env.channel.join("latd.alive")).unwrap();
+    let _d = env.daemon();
+    let s = env.status_json();
+    assert_eq!(s["build"]["outcome"], "succeeded", "{s}");
+    assert_eq!(s["build_status"], "succeed", "{s}");
+}
+
+#[test]
+fn a_restart_while_the_sdk_finishes_its_deploy_lets_it_finish() {
+    let env = TestEnv::new("orphan-finishing");
+    {
+        let mut d = env.daemon();
+        env.start_build("standin_duration: 0.5\nstandin_post_success: 3");
+        wait_until(Duration::from_secs(20), "the success line", || {
+            fs::read_to_string(env.ws.join("log/log.appsdk"))
+                .unwrap_or_default()
+                .contains("DEBUG: Deploy ovmf.qcow2")
+        });
+        d.kill9();
+    }
+    fs::remove_file(env.channel.join("latd.alive")).unwrap();
+    // The new latd waits (up to its grace) for the SDK to finish rather than
+    // killing it mid-deploy.
+    let _d = env.daemon_with(&["--grace", "20"]);
+    let s = env.status_json();
+    assert_eq!(s["build"]["outcome"], "succeeded", "{s}");
+    let report = env.ws.join("deploy/standin-report.txt");
+    assert!(report.exists(), "the deploy was cut short");
+    let log = fs::read_to_string(env.ws.join("log/log.appsdk")).unwrap();
+    assert!(!log.contains("Recieve signal"), "{log}");
+}
+
+#[test]
+fn a_request_whose_client_gave_up_is_never_acted_on() {
+    let env = TestEnv::new("expired");
+    let d = env.daemon();
+    let yaml = env.yaml("lat.yaml", "standin_duration: 0.2");
+    // latd stops answering; the client gives up and withdraws its request.
+    d.signal(libc::SIGSTOP);
+    let o = env.latc(&["build", "--file", yaml.to_str().unwrap(), "--timeout", "1"]);
+    assert_eq!(o.status.code(), Some(3), "{}", stderr(&o));
+    assert!(
+        channel_files(&env.channel, "req-").is_empty(),
+        "request left behind"
+    );
+    // A client killed outright cannot withdraw: its request says when it
+    // stopped waiting.
+    let mut latc = env
+        .latc_cmd()
+        .args(["build", "--file", yaml.to_str().unwrap(), "--timeout", "1"])
+        .spawn()
+        .unwrap();
+    wait_until(Duration::from_secs(5), "the request", || {
+        !channel_files(&env.channel, "req-").is_empty()
+    });
+    latc.kill().unwrap();
+    latc.wait().unwrap();
+    std::thread::sleep(Duration::from_millis(1500));
+    d.signal(libc::SIGCONT);
+    wait_until(Duration::from_secs(10), "the request to be handled", || {
+        channel_files(&env.channel, "req-").is_empty()
+    });
+    let s = env.status_json();
+    assert!(
+        s["build"].is_null(),
+        "a build nobody waits for was started: {s}"
+    );
+    assert!(!env.ws.join("log/log.appsdk").exists());
+    let history = fs::read_to_string(env.channel.join("client_message_history")).unwrap();
+    assert!(history.contains("expires_at"), "{history}");
+}
