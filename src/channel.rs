@@ -278,24 +278,42 @@ impl Channel {
         self.follow_symlink = true;
     }
 
-    /// At start, without `--follow-channel-symlink`: a symlink at the
-    /// channel's path is renamed aside (never followed), so a client cannot
-    /// send root's files elsewhere, nor stop latd from starting.
-    fn set_symlink_aside(&mut self) -> io::Result<()> {
-        let Ok(target) = fs::read_link(&self.dir) else {
+    /// At start: what is at the channel's path and is not a directory (a
+    /// file, a FIFO; a symlink unless `--follow-channel-symlink`) is renamed
+    /// aside, never followed or used, so a client cannot send root's files
+    /// elsewhere, nor stop latd from starting.
+    fn set_aside_if_not_dir(&mut self) -> io::Result<()> {
+        let Ok(md) = fs::symlink_metadata(&self.dir) else {
             return Ok(());
+        };
+        let ft = md.file_type();
+        let (what, suffix) = if ft.is_symlink() {
+            if self.follow_symlink {
+                return Ok(());
+            }
+            let target = fs::read_link(&self.dir).unwrap_or_default();
+            (
+                format!(
+                    "a symlink to {}: not followed (start latd with --follow-channel-symlink to serve where it points)",
+                    target.display()
+                ),
+                "symlink",
+            )
+        } else if ft.is_dir() {
+            return Ok(());
+        } else {
+            ("not a directory".to_string(), "planted")
         };
         let secs = SystemTime::now()
             .duration_since(SystemTime::UNIX_EPOCH)
             .map(|d| d.as_secs())
             .unwrap_or(0);
         let mut aside = self.dir.clone().into_os_string();
-        aside.push(format!(".symlink-{secs}"));
+        aside.push(format!(".{suffix}-{secs}"));
         fs::rename(&self.dir, &aside)?;
         log::error!(
-            "{} was a symlink to {}: not followed (start latd with --follow-channel-symlink to serve where it points); moved it to {} and serving a new directory at {}",
+            "{} was {what}; moved it to {} and serving a new directory at {}",
             self.dir.display(),
-            target.display(),
             Path::new(&aside).display(),
             self.dir.display()
         );
@@ -432,12 +450,8 @@ impl Channel {
             return Ok(false);
         }
         self.last_ensured = Some(Instant::now());
-        if !self.set_up
-            && self.held.is_none()
-            && !self.follow_symlink
-            && fs::symlink_metadata(&self.dir).is_ok_and(|m| m.file_type().is_symlink())
-        {
-            self.set_symlink_aside()?;
+        if !self.set_up && self.held.is_none() {
+            self.set_aside_if_not_dir()?;
         }
         if fs::symlink_metadata(&self.dir).is_err() {
             if !self.set_up {

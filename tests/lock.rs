@@ -384,3 +384,32 @@ fn a_symlinked_channel_is_followed_only_when_the_operator_says_so() {
         .file_type()
         .is_symlink());
 }
+
+/// Neither can a file or a FIFO at the channel's path stop latd from
+/// starting: it is moved aside and a directory made.
+#[test]
+fn a_file_or_fifo_at_the_channels_path_does_not_stop_latd() {
+    let env = TestEnv::new("chanfile");
+    fs::write(&env.channel, "not a directory").unwrap();
+    let mut d = env.daemon();
+    assert_serves(&env, &d);
+    assert!(fs::symlink_metadata(&env.channel).unwrap().is_dir());
+    d.signal(libc::SIGTERM);
+    d.wait_exit(Duration::from_secs(10));
+    fs::remove_dir_all(&env.channel).unwrap();
+    let c = std::ffi::CString::new(env.channel.to_str().unwrap()).unwrap();
+    // SAFETY: valid path.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o666) }, 0);
+    let d = env.daemon();
+    assert_serves(&env, &d);
+    let aside = fs::read_dir(&env.ws)
+        .unwrap()
+        .flatten()
+        .filter(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .starts_with("channel.planted-")
+        })
+        .count();
+    assert!(aside >= 1, "nothing kept aside");
+}
