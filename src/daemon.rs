@@ -525,7 +525,9 @@ fn recover(tag: &str, current: Option<&BuildRecord>, grace: Duration) -> Recover
             }
         }
     }
-    let mut killed = effects::kill_tagged(tag);
+    // What is left in the cgroups of this channel's builds first (nothing
+    // escapes those), then whatever carries the channel's mark.
+    let mut killed = crate::cgroup::kill_leftovers(tag) + effects::kill_tagged(tag);
     let Some(b) = current else {
         if killed > 0 {
             log::warn!("killed {killed} processes a previous latd left behind");

@@ -141,6 +141,10 @@ struct RunningBuild {
     exit_reported: bool,
     /// SIGKILL was asked for: repeated until nothing of the build is left.
     killing: bool,
+    /// The build's own cgroup, where there is cgroup v2: its processes
+    /// whatever they did to their session or environment. Removed with
+    /// the build.
+    cgroup: Option<crate::cgroup::BuildCgroup>,
 }
 
 /// Every child process of the daemon: the build, getyaml jobs, and orphans
@@ -168,7 +172,8 @@ impl Processes {
     /// Starts a build in its own process group, output kept in `log/`.
     pub fn spawn_build(&mut self, sdk: &SdkConfig, build_id: u64, req: &BuildRequest) -> Event {
         let snapshot = mounts::Snapshot::take(&req.workdir);
-        match self.try_spawn_build(sdk, build_id, req) {
+        let cgroup = crate::cgroup::BuildCgroup::create(&sdk.tag, build_id);
+        match self.try_spawn_build(sdk, build_id, req, cgroup.as_ref()) {
             Ok((pid, process, log)) => {
                 self.mounts = Some((build_id, snapshot));
                 self.build = Some(RunningBuild {
@@ -178,6 +183,7 @@ impl Processes {
                     leader_exit: None,
                     exit_reported: false,
                     killing: false,
+                    cgroup,
                 });
                 log::info!(
                     "build {build_id} started: pid {pid}, {} in {}",
@@ -198,6 +204,7 @@ impl Processes {
         sdk: &SdkConfig,
         build_id: u64,
         req: &BuildRequest,
+        cgroup: Option<&crate::cgroup::BuildCgroup>,
     ) -> Result<(i32, ProcessId, LogWatch), String> {
         let (dir, console, log_dir) = prepare(sdk, &req.workdir, "console.log", true, "deploy")?;
         let log = LogWatch::new(log_dir, req.workdir.join("log"));
@@ -227,6 +234,14 @@ impl Processes {
         }
         configure(&mut cmd, &dir, console, sdk, &format!("build-{build_id}"))
             .map_err(|e| format!("cannot set up the build: {e}"))?;
+        if let Some(cg) = cgroup {
+            let fd = cg.procs_fd();
+            // SAFETY: join only writes to a descriptor that outlives the
+            // spawn (the caller holds the cgroup).
+            unsafe {
+                cmd.pre_exec(move || crate::cgroup::join(fd));
+            }
+        }
         let child = cmd.spawn().map_err(|e| format!("cannot run bash: {e}"))?;
         let pid = child.id() as i32;
         // We reap with waitpid(-1); the Child handle is not needed.
@@ -294,6 +309,9 @@ impl Processes {
         if sig == Sig::Kill {
             if let Some(b) = self.build.as_mut() {
                 b.killing = true;
+                if let Some(cg) = &b.cgroup {
+                    cg.kill();
+                }
             }
         }
         for pid in self.build_processes(build_id) {
@@ -314,7 +332,16 @@ impl Processes {
     /// scrubbed environment), but never a getyaml's.
     fn build_processes(&self, build_id: u64) -> Vec<i32> {
         let mine = format!("build-{build_id}");
-        descendants()
+        // Everything in the build's cgroup is the build's, whatever its
+        // session or environment says.
+        let mut caged = self
+            .build
+            .as_ref()
+            .filter(|b| b.build_id == build_id)
+            .and_then(|b| b.cgroup.as_ref())
+            .map(|cg| cg.pids())
+            .unwrap_or_default();
+        let mut found: Vec<i32> = descendants()
             .into_iter()
             .filter(|&pid| {
                 // SAFETY: getpgid has no memory effects.
@@ -327,7 +354,10 @@ impl Processes {
                         None => true,
                     }
             })
-            .collect()
+            .collect();
+        caged.retain(|pid| !found.contains(pid));
+        found.append(&mut caged);
+        found
     }
 
     /// Kills a getyaml job and everything it started.

@@ -15,6 +15,7 @@
 //! - [`yaml_limits`]: what YAML from clients may cost, checked before parsing;
 //! - [`lock`]: `latd.lock`, who serves a channel, and a test of it for clients.
 
+pub mod cgroup;
 pub mod channel;
 pub mod cli;
 pub mod client;

@@ -58,6 +58,11 @@ fn latd_bin() -> String {
 /// Starts latd on `ws` under [`MEMORY_LIMIT`] and [`NOFILE_LIMIT`], with
 /// debug logging, and waits for its heartbeat.
 fn start_limited(env: &TestEnv, ws: &Path) -> Daemon {
+    start_limited_with(env, ws, &[])
+}
+
+/// [`start_limited`] with more arguments for latd.
+fn start_limited_with(env: &TestEnv, ws: &Path, extra: &[&str]) -> Daemon {
     let log = fs::File::create(env.root.join(format!(
         "latd-{}.log",
         SystemTime::now()
@@ -70,6 +75,7 @@ fn start_limited(env: &TestEnv, ws: &Path) -> Daemon {
     cmd.args(["--workspace", ws.to_str().unwrap()])
         .args(["--sdk", sdk_dir().to_str().unwrap()])
         .args(["--grace", "2", "-d"])
+        .args(extra)
         .env_remove("RUST_LOG")
         .env_remove("LAT_CHANNEL_DIR")
         .env_remove("LATD_POLL_MS")
@@ -101,7 +107,10 @@ fn start_limited(env: &TestEnv, ws: &Path) -> Daemon {
         child: Some(child),
         channel,
     };
-    wait_until(WITHIN, "latd to come up", || alive.exists());
+    let me = format!("pid: {}\n", d.pid());
+    wait_until(WITHIN, "latd to come up", || {
+        fs::read_to_string(&alive).is_ok_and(|t| t.starts_with(&me))
+    });
     d
 }
 
@@ -568,6 +577,78 @@ fn symlinks_planted_where_the_sdk_writes_are_refused() {
     assert!(o.status.success(), "{}", stderr(&o));
     let o = env.latc(&["getyaml"]);
     assert!(o.status.success(), "{}", stderr(&o));
+}
+
+/// Pids of live processes whose command line is exactly `args`.
+fn processes_running(args: &[&str]) -> Vec<i32> {
+    let want = args.join("\0") + "\0";
+    fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|p| {
+            let pid: i32 = p.file_name().to_str()?.parse().ok()?;
+            let cmd = fs::read(p.path().join("cmdline")).ok()?;
+            let stat = fs::read_to_string(p.path().join("stat")).ok()?;
+            let zombie = stat.rsplit(')').next()?.split_whitespace().next()? == "Z";
+            (cmd == want.as_bytes() && !zombie).then_some(pid)
+        })
+        .collect()
+}
+
+/// A build helper that leaves its session (`setsid`), drops the channel's
+/// mark and rewrites its job: it stays in the build's cgroup, so a stop
+/// ends it, and so does a latd restarted after a crash.
+#[test]
+fn a_helper_that_leaves_its_session_and_mark_is_stopped_with_the_build() {
+    let test = "a_helper_that_leaves_its_session_and_mark_is_stopped_with_the_build";
+    if skip_unless_root(test) {
+        return;
+    }
+    if !latd::cgroup::available() {
+        skipped(&format!("{test}: no cgroup v2 that latd may use here"));
+        return;
+    }
+    let _serial = serial();
+    let env = TestEnv::new("escape");
+    fs::create_dir_all(env.ws.join("hack")).unwrap();
+    let tag = format!("{}", std::process::id());
+    let (helper, main) = (format!("31{tag}"), format!("32{tag}"));
+    fs::write(
+        env.ws.join("hack/lat-genimage-cmd"),
+        format!(
+            "setsid env -u LATD_CHANNEL LATD_JOB=escaped sleep {helper} </dev/null >/dev/null 2>&1 &\nexec sleep {main}\n"
+        ),
+    )
+    .unwrap();
+    let args = ["--allow-hack-cmd"];
+    let mut d = start_limited_with(&env, &env.ws, &args);
+    let yaml = env.yaml("lat.yaml", "");
+    for round in ["stop", "restart"] {
+        let o = env.latc(&["build", "--file", yaml.to_str().unwrap()]);
+        assert!(o.status.success(), "{}", stderr(&o));
+        wait_until(WITHIN, "the escaping helper", || {
+            !processes_running(&["sleep", &helper]).is_empty()
+        });
+        if round == "stop" {
+            let o = env.latc(&["stop"]);
+            assert!(o.status.success(), "{}", stderr(&o));
+        } else {
+            d.kill9();
+            d = start_limited_with(&env, &env.ws, &args);
+        }
+        let gone = poll_until(Duration::from_secs(10), || {
+            processes_running(&["sleep", &helper]).is_empty()
+        });
+        let left = processes_running(&["sleep", &helper]);
+        for &pid in &left {
+            // SAFETY: kill has no memory effects.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
+        assert!(gone, "after a {round}, the helper survived: {left:?}");
+        env.wait_state("idle");
+    }
+    assert!(processes_running(&["sleep", &main]).is_empty());
 }
 
 mod parser {
