@@ -322,6 +322,11 @@ fn a_request_flood_leaves_health_and_status_answered() {
         }
     }
     latd::fsutil::poke(&env.channel.join("latd.wake"));
+    // A client that comes once latd has seen the flood (one that comes in
+    // the same instant is one of the flood, served in turn).
+    wait_until(WITHIN, "latd to start on the flood", || {
+        !d.running() || count_prefix(&env.channel, "rep-flood-") > 0
+    });
     assert_answers(&env, &env.ws, &mut d, "a flood of requests arrived");
     eprintln!(
         "hostile: health and status answered with {} of {n} flood requests still waiting",
