@@ -34,7 +34,12 @@ step latc getyaml "| head -4";            "$bin/latc" getyaml > "$demo/example.y
 step latc build --file lat.yaml --wait;   "$bin/latc" build --file "$WORKSPACE_DIR/lat.yaml" --wait
 step latc status --json;                  "$bin/latc" status --json
 step ls deploy;                           ls -l "$WORKSPACE_DIR/deploy"
-step "latc --file=lat.yaml build; sleep 1; latc stop   # the deployed caller's stop"
+step "build-image's dialogue: latc --file=lat.yaml build, wait for the log, tail -f to the success line, latc stop"
+LAT_ROOT="$WORKSPACE_DIR" BASE_YAML=tests/sdk/demo.yaml LATC="$bin/latc" \
+    python3 tests/clients/build_image.py | grep -v '^appsdk - ' || true
+step "ls deploy   # complete: the stop let the SDK finish after its success line"
+ls -l "$WORKSPACE_DIR/deploy"
+step "latc --file=lat.yaml build; sleep 1; latc stop   # a stop mid-build"
 "$bin/latc" --file="$WORKSPACE_DIR/lat.yaml" build; sleep 1; "$bin/latc" stop
 step latc history;                        "$bin/latc" history
 step latc clean;                          "$bin/latc" clean
