@@ -22,13 +22,23 @@ struct Driver {
 
 impl Driver {
     fn start(env: &TestEnv, standin: &str) -> Driver {
+        Driver::start_as(env, standin, None)
+    }
+
+    /// Started as `uid` (the build user), when given.
+    fn start_as(env: &TestEnv, standin: &str, uid: Option<u32>) -> Driver {
         let base = env.root.join("base.yaml");
         fs::write(
             &base,
             format!("name: test\nmachine: intel-x86-64\nimage_type: [iso]\n{standin}\n"),
         )
         .unwrap();
-        let child = Command::new("python3")
+        let mut cmd = Command::new("python3");
+        if let Some(uid) = uid {
+            use std::os::unix::process::CommandExt;
+            cmd.uid(uid).gid(uid).env("NO_CHOWN", "1");
+        }
+        let child = cmd
             .arg(concat!(
                 env!("CARGO_MANIFEST_DIR"),
                 "/tests/clients/build_image.py"
@@ -241,4 +251,40 @@ fn latd_killed_mid_build_and_restarted_ends_build_images_wait_with_a_failure() {
     assert!(!out.contains("successfully done"), "{out}");
     assert!(out.contains("Successfully stopped latd"), "{out}");
     env.assert_no_leftovers();
+}
+
+#[test]
+fn as_deployed_a_root_latd_and_a_build_user_who_is_not_root() {
+    if skip_unless_root("as_deployed_a_root_latd_and_a_build_user_who_is_not_root") {
+        return;
+    }
+    const USER: u32 = 65534;
+    let env = TestEnv::new("dlg-user");
+    // As deployed: the workspace is the build user's; latd is root.
+    fs::create_dir_all(&env.channel).unwrap();
+    for p in [&env.root, &env.ws, &env.channel] {
+        std::os::unix::fs::chown(p, Some(USER), Some(USER)).unwrap();
+    }
+    {
+        let d = env.daemon_with(&["--grace", "20"]);
+        let drv = Driver::start_as(
+            &env,
+            "standin_duration: 1\nstandin_post_success: 2",
+            Some(USER),
+        );
+        let (code, out) = drv.finish();
+        assert_eq!(code, Some(0), "{out}");
+        assert!(out.contains("build-image successfully done"), "{out}");
+        assert!(deploy_was_complete(&env), "{}", manifest(&env));
+        d.signal(libc::SIGTERM);
+        let mut d = d;
+        d.wait_exit(Duration::from_secs(10));
+    }
+    // latd is down; the build user's latc sets the earlier log aside (the
+    // log directory is the build user's), so no false success.
+    let drv = Driver::start_as(&env, "standin_duration: 1", Some(USER));
+    let (code, out) = drv.finish();
+    assert_eq!(code, Some(1), "{out}");
+    assert!(out.contains("latd is not running"), "{out}");
+    assert!(!out.contains("successfully done"), "{out}");
 }

@@ -211,6 +211,25 @@ impl TestEnv {
     }
 }
 
+/// Lazily unmounts every mount below `dir`, deepest first: what a stand-in
+/// build killed with its latd left (as root), so no test leaves mounts.
+pub fn unmount_below(dir: &Path) {
+    let text = fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    let mut points: Vec<PathBuf> = text
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .map(PathBuf::from)
+        .filter(|p| p.starts_with(dir) && p != dir)
+        .collect();
+    points.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
+    for p in points {
+        if let Ok(c) = std::ffi::CString::new(p.as_os_str().as_encoded_bytes()) {
+            // SAFETY: a NUL-terminated path; umount2 has no memory effects.
+            unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
+        }
+    }
+}
+
 impl Drop for TestEnv {
     fn drop(&mut self) {
         for p in self.leftover_processes() {
@@ -219,6 +238,7 @@ impl Drop for TestEnv {
                 unsafe { libc::kill(pid, libc::SIGKILL) };
             }
         }
+        unmount_below(&self.root);
         if !std::thread::panicking() {
             let _ = fs::remove_dir_all(&self.root);
         } else {
