@@ -534,7 +534,17 @@ fn print_reply_file(reply: &Reply, path: Option<&Path>, what: &str, out: &Out) -
             std::io::Read::read_to_end(&mut f, &mut bytes).map(|_| bytes)
         })
     } else {
-        latd::fsutil::read_regular(path)
+        // The SDK's exampleyamls first deletes the example YAMLs: one run
+        // for another client may be rewriting the file; it comes back.
+        let until = Instant::now() + Duration::from_secs(10);
+        loop {
+            match latd::fsutil::read_regular(path) {
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound && Instant::now() < until => {
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+                other => break other,
+            }
+        }
     };
     match read {
         Ok(bytes) => {
