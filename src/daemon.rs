@@ -419,7 +419,7 @@ pub fn run(settings: Settings) -> Result<(), String> {
     // (it was killed, or crashed) carries the channel's mark: kill it. The
     // state file names pids too, but it lies in the shared channel, and a
     // pid in it is not proof enough to kill.
-    let recovered = recover(&tag, persisted.current.as_ref(), settings.grace);
+    let recovered = recover(&tag, persisted.current.as_ref(), settings.grace, &root);
     channel.clear_stale();
     let config = machine::Config {
         grace_ms: settings.grace.as_millis() as u64,
@@ -503,7 +503,12 @@ pub fn run(settings: Settings) -> Result<(), String> {
 /// killed, or crashed), and reads what the build it ran logged. A build
 /// whose SDK had logged its success line gets the grace period to finish
 /// its deploy; everything else that carries the channel's mark is killed.
-fn recover(tag: &str, current: Option<&BuildRecord>, grace: Duration) -> Recovered {
+fn recover(
+    tag: &str,
+    current: Option<&BuildRecord>,
+    grace: Duration,
+    root: &std::path::Path,
+) -> Recovered {
     let read_log = |b: &BuildRecord| {
         b.sdk_log
             .iter()
@@ -542,6 +547,12 @@ fn recover(tag: &str, current: Option<&BuildRecord>, grace: Duration) -> Recover
         "build {} was running when latd stopped; {killed} of its processes were left and killed",
         b.id
     );
+    // What it left mounted under its workdir goes too (known only once it
+    // had started: the mounts that were there before are kept).
+    if let Some(before) = &b.mounts_before {
+        let snapshot = crate::mounts::Snapshot::from_ids(&b.workdir, before);
+        effects::release_mounts(b.id, &snapshot, root);
+    }
     Recovered {
         killed,
         log: read_log(b),

@@ -175,6 +175,7 @@ impl Processes {
         let cgroup = crate::cgroup::BuildCgroup::create(&sdk.tag, build_id);
         match self.try_spawn_build(sdk, build_id, req, cgroup.as_ref()) {
             Ok((pid, process, log)) => {
+                let mounts_before = snapshot.ids();
                 self.mounts = Some((build_id, snapshot));
                 self.build = Some(RunningBuild {
                     build_id,
@@ -190,7 +191,11 @@ impl Processes {
                     req.yaml_file.display(),
                     req.workdir.display()
                 );
-                Event::Spawned { build_id, process }
+                Event::Spawned {
+                    build_id,
+                    process,
+                    mounts_before,
+                }
             }
             Err(reason) => {
                 log::error!("build {build_id} could not be started: {reason}");
@@ -509,16 +514,22 @@ impl Processes {
             self.mounts = Some((id, snapshot));
             return;
         }
-        let (done, failed) = snapshot.release(root);
-        for p in done {
-            log::info!(
-                "build {build_id}: unmounted {} (left by the build)",
-                p.display()
-            );
-        }
-        for (p, e) in failed {
-            log::error!("build {build_id}: cannot unmount {}: {e}", p.display());
-        }
+        release_mounts(build_id, &snapshot, root);
+    }
+}
+
+/// Unmounts what build `build_id` left under its workdir (what is not in
+/// `snapshot`), below the workspace `root`, and says what it did.
+pub fn release_mounts(build_id: u64, snapshot: &mounts::Snapshot, root: &Path) {
+    let (done, failed) = snapshot.release(root);
+    for p in done {
+        log::info!(
+            "build {build_id}: unmounted {} (left by the build)",
+            p.display()
+        );
+    }
+    for (p, e) in failed {
+        log::error!("build {build_id}: cannot unmount {}: {e}", p.display());
     }
 }
 

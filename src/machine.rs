@@ -37,7 +37,7 @@
 //! let fx = m.step(10, Event::Request { id: ReqId(1), request: Request::Build(build) });
 //! assert!(fx.iter().any(|e| matches!(e, Effect::Spawn { build_id: 1, .. })));
 //! let process = ProcessId { pid: 42, start_ticks: 7 };
-//! let fx = m.step(11, Event::Spawned { build_id: 1, process });
+//! let fx = m.step(11, Event::Spawned { build_id: 1, process, mounts_before: vec![] });
 //! assert!(matches!(fx.last(), Some(Effect::Reply { id: ReqId(1), reply })
 //!     if reply.result == ReplyResult::Succeed));
 //! assert_eq!(m.status(12).lat_status, "busy");
@@ -202,6 +202,10 @@ pub struct BuildRecord {
     /// The first line of the SDK's log that reports an error.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error_line: Option<String>,
+    /// The mounts under the workdir before the build started (mount ids):
+    /// the build's are the others. `None` until the build has started.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mounts_before: Option<Vec<u64>>,
 }
 
 impl BuildRecord {
@@ -308,6 +312,9 @@ pub enum Event {
     Spawned {
         build_id: u64,
         process: ProcessId,
+        /// The mounts under the workdir when the build started (their ids):
+        /// kept, so that a later daemon too knows which ones are the build's.
+        mounts_before: Vec<u64>,
     },
     SpawnFailed {
         build_id: u64,
@@ -994,6 +1001,7 @@ impl Machine {
                     sdk_log: None,
                     success_logged: false,
                     error_line: None,
+                    mounts_before: None,
                 };
                 self.state = State::Building {
                     build,
@@ -1001,10 +1009,18 @@ impl Machine {
                 };
                 fx.push(Effect::Spawn { build_id, request });
             }
-            (Does::BuildStarted, Event::Spawned { build_id, process }) => {
+            (
+                Does::BuildStarted,
+                Event::Spawned {
+                    build_id,
+                    process,
+                    mounts_before,
+                },
+            ) => {
                 if let State::Building { build, starting } = &mut self.state {
                     if build.id == build_id {
                         build.process = Some(process);
+                        build.mounts_before = Some(mounts_before);
                         self.dirty = true;
                         if let Some(id) = starting.take() {
                             let reply = Reply {

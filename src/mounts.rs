@@ -93,6 +93,21 @@ impl Snapshot {
         }
     }
 
+    /// A snapshot kept (by a previous daemon) as its mount ids.
+    pub fn from_ids(workdir: &Path, ids: &[u64]) -> Snapshot {
+        Snapshot {
+            workdir: workdir.to_path_buf(),
+            before: ids.iter().copied().collect(),
+        }
+    }
+
+    /// The ids of the mounts that were there, to be kept.
+    pub fn ids(&self) -> Vec<u64> {
+        let mut v: Vec<u64> = self.before.iter().copied().collect();
+        v.sort_unstable();
+        v
+    }
+
     /// Unmounts what is new under the workdir (beneath the workspace
     /// `root`); returns the mount points removed and those that could not
     /// be.

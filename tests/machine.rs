@@ -216,6 +216,7 @@ fn spawned(r: &mut Rig) -> Event {
     Event::Spawned {
         build_id: r.bid(),
         process: PROC,
+        mounts_before: Vec::new(),
     }
 }
 fn spawn_failed(r: &mut Rig) -> Event {
@@ -1113,6 +1114,7 @@ fn restart_records_the_interrupted_build_failed() {
         sdk_log: None,
         success_logged: false,
         error_line: None,
+        mounts_before: None,
     };
     let persisted = Persisted {
         next_build_id: 8,
@@ -1169,6 +1171,7 @@ fn restart_never_reuses_a_build_id_from_history() {
         sdk_log: None,
         success_logged: false,
         error_line: None,
+        mounts_before: None,
     };
     let persisted = Persisted {
         next_build_id: 0,
@@ -1232,6 +1235,7 @@ fn stale_events_change_nothing() {
         Event::Spawned {
             build_id: STALE,
             process: PROC,
+            mounts_before: Vec::new(),
         },
         Event::SpawnFailed {
             build_id: STALE,
@@ -1289,6 +1293,7 @@ fn an_old_builds_events_do_not_touch_the_new_one() {
         Event::Spawned {
             build_id: 1,
             process: PROC,
+            mounts_before: Vec::new(),
         },
     ] {
         assert!(r.step(ev).is_empty());
@@ -1665,6 +1670,7 @@ impl World {
             0 => Event::Spawned {
                 build_id: old,
                 process: PROC,
+                mounts_before: Vec::new(),
             },
             1 => Event::SpawnFailed {
                 build_id: old,
@@ -1814,6 +1820,7 @@ impl World {
                         Event::Spawned {
                             build_id: *build_id,
                             process: PROC,
+                            mounts_before: Vec::new(),
                         }
                     } else {
                         Event::SpawnFailed {
@@ -2519,6 +2526,7 @@ fn recovered_build(found: Recovered) -> BuildRecord {
         sdk_log: None,
         success_logged: false,
         error_line: None,
+        mounts_before: None,
     };
     let persisted = Persisted {
         next_build_id: 4,
@@ -2658,6 +2666,7 @@ fn a_build_interrupted_by_a_restart_gets_its_end_in_its_log_at_start() {
         sdk_log: Some("/w/log/log.appsdk_5".into()),
         success_logged: false,
         error_line: None,
+        mounts_before: None,
     };
     let persisted = Persisted {
         next_build_id: 4,

@@ -245,3 +245,42 @@ fn a_request_whose_client_gave_up_is_never_acted_on() {
     let history = fs::read_to_string(env.channel.join("client_message_history")).unwrap();
     assert!(history.contains("expires_at"), "{history}");
 }
+
+#[test]
+fn a_restart_after_latd_was_killed_releases_what_its_build_left_mounted() {
+    if skip_unless_root("a_restart_after_latd_was_killed_releases_what_its_build_left_mounted") {
+        return;
+    }
+    let env = TestEnv::new("restart-mounts");
+    let keep = env.ws.join("workdir/cache");
+    fs::create_dir_all(&keep).unwrap();
+    assert!(std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "operators-cache"])
+        .arg(&keep)
+        .status()
+        .unwrap()
+        .success());
+    let rootfs = env.ws.join("workdir/rootfs");
+    {
+        let mut d = env.daemon();
+        env.start_build("standin_duration: 60");
+        assert_eq!(mounts_below(&rootfs).len(), 2);
+        d.kill9();
+    }
+    // The orphaned build is killed by the next latd, which then unmounts
+    // what it left (its SDK never ran its exit-time umount).
+    fs::remove_file(env.channel.join("latd.alive")).unwrap();
+    let _d = env.daemon();
+    assert!(
+        mounts_below(&rootfs).is_empty(),
+        "left mounted: {:?}",
+        mounts_below(&rootfs)
+    );
+    assert_eq!(
+        mounts_below(&env.ws),
+        vec![keep.to_string_lossy().into_owned()]
+    );
+    let s = env.status_json();
+    assert_eq!(s["build"]["outcome"], "failed", "{s}");
+    let _ = std::process::Command::new("umount").arg(&keep).status();
+}
