@@ -953,6 +953,10 @@ fn logs_of_build(client: &Client, n: u64, follow: bool, out: &Out) -> Result<i32
 /// latd's `log.appsdk.previous` if exactly one did.
 fn resolve_log(all: &[BuildRecord], b: &BuildRecord) -> Result<PathBuf, String> {
     let dir = b.log_file.parent().unwrap_or(Path::new("/"));
+    // latd recorded the file the SDK logged to, once it appeared.
+    if let Some(p) = b.sdk_log.as_ref().filter(|p| open_log(p).is_some()) {
+        return Ok(p.clone());
+    }
     let (from, to) = (
         b.started_at / 1000,
         b.ended_at.map_or(u64::MAX, |e| e / 1000 + 1),
