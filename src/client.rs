@@ -162,6 +162,22 @@ impl Client {
         }
     }
 
+    /// When a request sent now stops being waited for, in latd's clock as
+    /// far as latc can tell: latd compares it with its own. latd refreshes
+    /// its heartbeat's mtime every 2 s by its clock, so a clock of ours
+    /// that is behind latd's (another host) does not make every request
+    /// look expired on arrival; where the clocks agree ours is the later,
+    /// and one that is ahead only makes the expiry later.
+    fn expiry(&self, timeout: Duration) -> u64 {
+        let own = crate::clock::wall_now();
+        let latd = fs::metadata(self.channel.join(protocol::ALIVE_FILE))
+            .and_then(|md| md.modified())
+            .ok()
+            .and_then(|m| m.duration_since(SystemTime::UNIX_EPOCH).ok())
+            .map_or(0, |d| d.as_millis() as u64);
+        own.max(latd).saturating_add(timeout.as_millis() as u64)
+    }
+
     /// Sends a request and waits for its reply.
     pub fn request(&self, action: Action, yaml_file: Option<&Path>) -> Result<Reply, ClientError> {
         self.request_with(action, yaml_file, self.timeout)
@@ -177,7 +193,7 @@ impl Client {
         let id = request_id();
         // latd will not act on the request once we have stopped waiting (a
         // latd started later must not run a build nobody waits for).
-        let expires_at = crate::clock::wall_now().saturating_add(timeout.as_millis() as u64);
+        let expires_at = self.expiry(timeout);
         let text = protocol::render_request(
             action,
             &self.workspace.to_string_lossy(),

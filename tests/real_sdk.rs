@@ -284,3 +284,38 @@ fn a_restart_after_latd_was_killed_releases_what_its_build_left_mounted() {
     assert_eq!(s["build"]["outcome"], "failed", "{s}");
     let _ = std::process::Command::new("umount").arg(&keep).status();
 }
+
+/// latc run with its clock shifted by `shift` (faketime's `-f` offset).
+fn latc_with_clock(env: &TestEnv, shift: &str, args: &[&str]) -> Option<std::process::Output> {
+    let mut c = std::process::Command::new("faketime");
+    c.args(["-f", shift, LATC])
+        .args(args)
+        .env("WORKSPACE_DIR", &env.ws)
+        .env_remove("LAT_CHANNEL_DIR")
+        .env_remove("RUST_LOG")
+        .stdin(std::process::Stdio::null());
+    c.output().ok()
+}
+
+#[test]
+fn a_client_whose_clock_is_behind_latds_is_served() {
+    let env = TestEnv::new("skew");
+    let _d = env.daemon();
+    // Another host (NFS) whose clock is five minutes behind latd's: its
+    // requests' expiry is in latd's past the moment they are written.
+    let Some(o) = latc_with_clock(&env, "-300s", &["status"]) else {
+        skipped("a_client_whose_clock_is_behind_latds_is_served: needs faketime");
+        return;
+    };
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stdout(&o).contains("lat_status: idle"), "{}", stdout(&o));
+    let yaml = env.yaml(
+        "lat.yaml",
+        "standin_duration: 0.2\nstandin_post_success: 0.1",
+    );
+    let o = latc_with_clock(&env, "-300s", &["build", "--file", yaml.to_str().unwrap()]).unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    wait_until(Duration::from_secs(20), "the build to end", || {
+        env.status_json()["build"]["outcome"] == "succeeded"
+    });
+}
