@@ -113,26 +113,31 @@ impl Snapshot {
     /// be.
     pub fn release(&self, root: &Path) -> (Vec<PathBuf>, Vec<(PathBuf, String)>) {
         let mut done = Vec::new();
-        let mut failed = Vec::new();
+        let mut failed: Vec<(u64, PathBuf, String)> = Vec::new();
         // Unmounting one can reveal one it covered: look again until
         // nothing new is left (bounded: each round removes at least one).
         for _ in 0..64 {
             let mut new: Vec<Mount> = below(&all(), &self.workdir)
                 .into_iter()
                 .filter(|m| !self.before.contains(&m.id))
-                .filter(|m| !failed.iter().any(|(p, _)| p == &m.point))
+                .filter(|m| !failed.iter().any(|(id, _, _)| *id == m.id))
                 .collect();
             if new.is_empty() {
                 break;
             }
+            // Deepest first; of mounts stacked on one point (debootstrap's
+            // proc under the SDK's bind mount of /proc), the one on top,
+            // listed last, first: only it is reached by the path.
+            new.reverse();
             new.sort_by_key(|m| std::cmp::Reverse(m.point.components().count()));
             for m in new {
                 match unmount_exactly(root, &m) {
                     Ok(()) => done.push(m.point),
-                    Err(e) => failed.push((m.point, e)),
+                    Err(e) => failed.push((m.id, m.point, e)),
                 }
             }
         }
+        let failed = failed.into_iter().map(|(_, p, e)| (p, e)).collect();
         (done, failed)
     }
 }
@@ -165,6 +170,61 @@ fn unmount_exactly(root: &Path, m: &Mount) -> Result<(), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn mount_tmpfs(at: &Path) {
+        let st = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "test-stack"])
+            .arg(at)
+            .status()
+            .unwrap();
+        assert!(st.success(), "mount {}", at.display());
+    }
+
+    #[test]
+    fn stacked_and_nested_mounts_are_all_released_but_not_those_from_before() {
+        if fsutil::euid() != 0 {
+            eprintln!("SKIPPED stacked_and_nested_mounts_are_all_released_but_not_those_from_before: needs root (to mount)");
+            return;
+        }
+        let root = std::env::temp_dir()
+            .join(format!("latd-mounts-stack-{}", std::process::id()))
+            .join("a b");
+        let _ = std::fs::create_dir_all(&root);
+        let root = root.canonicalize().unwrap();
+        let workdir = root.join("work");
+        let keep = workdir.join("cache");
+        std::fs::create_dir_all(&keep).unwrap();
+        mount_tmpfs(&keep);
+        let snapshot = Snapshot::take(&workdir);
+        // What the real SDK leaves when killed: debootstrap's proc under
+        // the bind mount of /proc at the same place (stacked), and /dev
+        // with /dev/pts inside it (nested).
+        let proc_ = workdir.join("rootfs/proc");
+        let dev = workdir.join("rootfs/dev");
+        std::fs::create_dir_all(&proc_).unwrap();
+        std::fs::create_dir_all(&dev).unwrap();
+        mount_tmpfs(&proc_);
+        mount_tmpfs(&proc_);
+        mount_tmpfs(&dev);
+        std::fs::create_dir_all(dev.join("pts")).unwrap();
+        mount_tmpfs(&dev.join("pts"));
+        let (done, failed) = snapshot.release(&root);
+        let left: Vec<PathBuf> = below(&all(), &workdir)
+            .into_iter()
+            .map(|m| m.point)
+            .collect();
+        let _ = std::process::Command::new("umount").arg(&keep).status();
+        for m in below(&all(), &root) {
+            let _ = std::process::Command::new("umount")
+                .arg("-l")
+                .arg(&m.point)
+                .status();
+        }
+        let _ = std::fs::remove_dir_all(root.parent().unwrap());
+        assert!(failed.is_empty(), "{failed:?}");
+        assert_eq!(done.len(), 4, "{done:?}");
+        assert_eq!(left, vec![keep], "left mounted");
+    }
 
     #[test]
     fn mountinfo_lines_are_parsed_with_escapes() {
