@@ -7,7 +7,7 @@ use crate::fsutil::{self, Owner};
 use crate::protocol::{self, Invalid, RawRequest, Reply, StatusDoc};
 use std::collections::{BinaryHeap, HashSet, VecDeque};
 use std::fs;
-use std::hash::{Hash, Hasher};
+use std::hash::BuildHasher;
 use std::io::{self, Write};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
@@ -168,6 +168,8 @@ pub struct Channel {
     /// How long the last listing took: the sweep gets at least as long
     /// per tick, so in a huge channel it is not starved by the listings.
     listing_took: Duration,
+    /// Keys the hashes of request names (see [`Channel::scan`]).
+    salt: std::collections::hash_map::RandomState,
     /// Replies (`rep-*`) waiting uncollected at the last listing, plus
     /// the junk replies written since.
     uncollected: usize,
@@ -252,6 +254,7 @@ impl Channel {
             queue: VecDeque::new(),
             listed_at: None,
             listing_took: Duration::ZERO,
+            salt: Default::default(),
             uncollected: 0,
             junk_dropped: 0,
             sweeping: None,
@@ -708,8 +711,10 @@ impl Channel {
             }
         };
         let mut legacy: Option<u64> = None;
-        // The smallest names of each kind, a batch's worth (max-heaps).
-        let mut fresh: BinaryHeap<String> = BinaryHeap::new();
+        // The smallest names of each kind, a queue's worth (max-heaps).
+        // Fresh ones go by their hash, keyed afresh by each latd: a client
+        // cannot choose names that always come first.
+        let mut fresh: BinaryHeap<(u64, String)> = BinaryHeap::new();
         let mut after: BinaryHeap<String> = BinaryHeap::new();
         let mut before: BinaryHeap<String> = BinaryHeap::new();
         let keep = |heap: &mut BinaryHeap<String>, name: &str| {
@@ -721,6 +726,7 @@ impl Channel {
             }
         };
         let mut seen = HashSet::new();
+        let salt = self.salt.clone();
         let mut listed = 0usize;
         let mut replies = 0usize;
         for e in entries.flatten() {
@@ -734,12 +740,17 @@ impl Channel {
                 .and_then(|r| r.strip_suffix(protocol::MESSAGE_SUFFIX))
             {
                 listed += 1;
-                let h = name_hash(id);
+                let h = salt.hash_one(id);
                 if seen.len() < SEEN_CAP {
                     seen.insert(h);
                 }
                 if !self.seen.contains(&h) {
-                    keep(&mut fresh, id);
+                    if fresh.len() < QUEUE {
+                        fresh.push((h, id.to_string()));
+                    } else if fresh.peek().is_some_and(|top| h < top.0) {
+                        fresh.pop();
+                        fresh.push((h, id.to_string()));
+                    }
                 } else if self.cursor.as_deref().is_some_and(|c| id <= c) {
                     keep(&mut before, id);
                 } else {
@@ -752,7 +763,11 @@ impl Channel {
         self.seen = seen;
         self.uncollected = replies;
         self.listing_took = listing_started.elapsed();
-        let fresh = fresh.into_sorted_vec();
+        let fresh: Vec<String> = fresh
+            .into_sorted_vec()
+            .into_iter()
+            .map(|(_, id)| id)
+            .collect();
         let old: Vec<String> = after
             .into_sorted_vec()
             .into_iter()
@@ -1157,13 +1172,6 @@ fn excerpt(bytes: &[u8]) -> String {
         shown.push_str("...");
     }
     shown
-}
-
-/// A name's hash, to remember a listing in little memory.
-fn name_hash(name: &str) -> u64 {
-    let mut h = std::collections::hash_map::DefaultHasher::new();
-    name.hash(&mut h);
-    h.finish()
 }
 
 /// Reads one request file. `done_name` is the marker that announced it.
