@@ -370,6 +370,14 @@ impl LogFollower {
         }
     }
 
+    /// Reads from `path` from now on: the same file under another name
+    /// (the SDK's own file, once latd knows it) goes on where it was.
+    pub fn retarget(&mut self, path: &Path) {
+        if self.path != path {
+            self.path = path.to_path_buf();
+        }
+    }
+
     /// Returns the complete lines written since the last call. With
     /// `flush`, also a last line that has no newline yet.
     pub fn poll(&mut self, flush: bool) -> Vec<String> {

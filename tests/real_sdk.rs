@@ -319,3 +319,31 @@ fn a_client_whose_clock_is_behind_latds_is_served() {
         env.status_json()["build"]["outcome"] == "succeeded"
     });
 }
+
+#[test]
+fn a_refused_build_beside_a_running_one_does_not_blind_its_followers() {
+    let env = TestEnv::new("refused-beside");
+    let _d = env.daemon();
+    env.start_build("standin_duration: 4\nstandin_log_lines: 8\nstandin_post_success: 0.2");
+    // A second build is refused; its latc removes the log's name, so that
+    // its own build-image does not take the running build's log for its own.
+    let yaml = env.yaml("second.yaml", "");
+    let o = env.latc(&["build", "--file", yaml.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert!(fs::symlink_metadata(env.ws.join("log/log.appsdk")).is_err());
+    // The running build's own users still see its log.
+    let s = env.status_text();
+    assert!(s.contains("last log line: appsdk - "), "{s}");
+    let o = env.latc(&["logs", "--follow"]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    assert!(
+        stdout(&o).contains("appsdk - DEBUG: Deploy ovmf.qcow2"),
+        "logs --follow showed: {}",
+        stdout(&o)
+    );
+    assert!(
+        stdout(&o).contains("appsdk - INFO: appsdk genimage"),
+        "logs --follow showed: {}",
+        stdout(&o)
+    );
+}

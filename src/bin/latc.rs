@@ -637,7 +637,7 @@ fn render_status(text: &str, d: &StatusDoc, now: Millis) -> String {
             human.extend(quote.into_iter().map(|l| format!("  | {l}")));
         }
         human.push(format!("log: {}", b.log_file.display()));
-        if let Some(l) = last_log_line(&b.log_file) {
+        if let Some(l) = last_log_line(&log_of(b)) {
             human.push(format!("last log line: {l}"));
         }
     }
@@ -694,6 +694,17 @@ fn tidy(line: &[u8]) -> String {
         format!("{}...", l.chars().take(200).collect::<String>())
     } else {
         l.to_string()
+    }
+}
+
+/// Where to read build `b`'s log: the file latd saw its SDK create, while
+/// it is there, else the log's name. A running build's `log.appsdk` may be
+/// gone (a refused `latc build` removes it, lest its caller take that log
+/// for its own), and a later build re-points it.
+fn log_of(b: &BuildRecord) -> PathBuf {
+    match &b.sdk_log {
+        Some(p) if std::fs::symlink_metadata(p).is_ok_and(|m| m.is_file()) => p.clone(),
+        _ => b.log_file.clone(),
     }
 }
 
@@ -912,7 +923,7 @@ fn follow_current(
     };
     if follow && build.outcome != Outcome::Running {
         // Print the finished build's log once.
-        print_lines(&LogFollower::new(build.log_file.clone()).poll(true));
+        print_lines(&LogFollower::new(log_of(&build)).poll(true));
         summary(&build, out);
         return Ok(client::exit_code_for(build.outcome));
     }
@@ -1065,12 +1076,14 @@ fn watch(
         };
         let ended = build.outcome != Outcome::Running;
         if follow {
-            let f = follower.get_or_insert_with(|| LogFollower::new(build.log_file.clone()));
+            let f = follower.get_or_insert_with(|| LogFollower::new(log_of(&build)));
+            f.retarget(&log_of(&build));
             print_lines(&f.poll(ended));
         } else {
             let mut f = follower
                 .take()
-                .unwrap_or_else(|| LogFollower::new(build.log_file.clone()));
+                .unwrap_or_else(|| LogFollower::new(log_of(&build)));
+            f.retarget(&log_of(&build));
             if let Some(l) = f.poll(false).into_iter().last() {
                 last_line = l;
             }
