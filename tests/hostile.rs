@@ -474,6 +474,29 @@ fn unusable_entries_are_answered_once_and_put_aside() {
     assert!(peak < 64 << 10, "latd's peak memory is {peak} kB");
 }
 
+/// A directory planted as the original slot's marker: answered once, then
+/// moved aside, so the original slot serves the next client.
+#[test]
+fn a_directory_as_the_original_marker_does_not_block_the_slot() {
+    let _serial = serial();
+    let env = TestEnv::new("legacy-dir");
+    let mut d = start_limited(&env, &env.ws);
+    fs::write(env.channel.join("c-2-s.msg"), b"action: status\n").unwrap();
+    let done = env.channel.join("c-2-s.done");
+    fs::create_dir(&done).unwrap();
+    fs::write(done.join("x"), b"x").unwrap();
+    latd::fsutil::poke(&env.channel.join("latd.wake"));
+    let reply = env.channel.join("s-2-c.done");
+    wait_until(WITHIN, "the reply to the planted marker", || reply.exists());
+    fs::remove_file(&reply).unwrap();
+    wait_until(WITHIN, "the planted marker to be put aside", || {
+        !done.exists()
+    });
+    let r = legacy_exchange(&env.channel, Some(b"action: status\n"), WITHIN).unwrap();
+    assert_eq!(field(&r, "result").as_deref(), Some("succeed"), "{r:?}");
+    assert_answers(&env, &env.ws, &mut d, "a directory as c-2-s.done");
+}
+
 /// A mount made by a test, lazily unmounted on drop.
 struct Mounted(PathBuf);
 
