@@ -28,6 +28,8 @@ pub const FAILURE_MARKER: &str = "ERROR: ";
 pub const KEEP_LOGS: usize = 10;
 /// Longest line kept whole; a longer one is looked at in pieces.
 const MAX_LINE: usize = 64 * 1024;
+/// What a piece of a long line shares with the next: more than a marker.
+const OVERLAP: usize = 64;
 /// Longest error line quoted in a reason.
 const MAX_QUOTE: usize = 300;
 
@@ -49,7 +51,12 @@ impl Scanner {
         }
         self.partial.extend_from_slice(rest);
         if self.partial.len() > MAX_LINE {
+            // Looked at in pieces; the end of this one starts the next, so
+            // a marker across the cut is still seen whole.
+            let keep = self.partial.len().saturating_sub(OVERLAP);
+            let tail = self.partial[keep..].to_vec();
             self.line(news);
+            self.partial = tail;
         }
     }
 
@@ -295,6 +302,17 @@ mod tests {
         let n = scan(&["appsdk - ERROR: do_rootfs failed\nappsdk - ERROR: later\n"]);
         assert!(!n.success);
         assert_eq!(n.error.as_deref(), Some("appsdk - ERROR: do_rootfs failed"));
+        // A line too long to keep whole is looked at in pieces: a marker
+        // across the cut between two pieces is still found.
+        for cut in [MAX_LINE - 10, MAX_LINE, MAX_LINE + 3] {
+            let mut long = "x".repeat(cut);
+            long.push_str("appsdk - DEBUG: Deploy ovmf.qcow2");
+            long.push_str(&"y".repeat(2 * MAX_LINE));
+            let split = cut + "appsdk - DEBUG: De".len();
+            let pieces: Vec<&str> = vec![&long[..split], &long[split..], "\n"];
+            assert!(scan(&pieces).success, "marker at {cut}");
+            assert!(scan(&[long.as_str(), "\n"]).success, "marker at {cut}");
+        }
         // A marker split over two lines is not a marker.
         assert!(!scan(&["DEBUG: Deploy\n ovmf.qcow2\n"]).success);
         // The last line counts without its newline.
