@@ -347,3 +347,62 @@ fn a_refused_build_beside_a_running_one_does_not_blind_its_followers() {
         stdout(&o)
     );
 }
+
+/// Starts a build that works 3 s after its success line and waits until
+/// latd has seen that line.
+fn build_past_its_success_line(env: &TestEnv) {
+    env.start_build("standin_duration: 0.5\nstandin_post_success: 3");
+    wait_until(
+        Duration::from_secs(20),
+        "latd to see the success line",
+        || env.status_json()["build"]["success_logged"] == true,
+    );
+}
+
+fn assert_deploy_complete(env: &TestEnv) {
+    assert!(
+        env.ws.join("deploy/standin-report.txt").exists(),
+        "the deploy was cut short"
+    );
+    let log = fs::read_to_string(env.ws.join("log/log.appsdk")).unwrap();
+    assert!(!log.contains("Recieve signal"), "{log}");
+    assert!(!log.contains("latd - ERROR"), "{log}");
+}
+
+#[test]
+fn a_second_stop_while_the_sdk_finishes_waits_with_the_first() {
+    let env = TestEnv::new("second-stop");
+    let _d = env.daemon_with(&["--grace", "20"]);
+    build_past_its_success_line(&env);
+    let first = env
+        .latc_cmd()
+        .arg("stop")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    env.wait_state("stopping");
+    let second = env.latc(&["stop"]);
+    let first = first.wait_with_output().unwrap();
+    for o in [&first, &second] {
+        assert!(o.status.success(), "{}", stderr(o));
+        assert!(stderr(o).contains("had already succeeded"), "{}", stderr(o));
+    }
+    let s = env.status_json();
+    assert_eq!(s["lat_status"], "idle", "{s}");
+    assert_eq!(s["build_status"], "succeed", "{s}");
+    assert_deploy_complete(&env);
+}
+
+#[test]
+fn latd_asked_to_exit_while_the_sdk_finishes_lets_it_finish() {
+    let env = TestEnv::new("term-finishing");
+    let mut d = env.daemon_with(&["--grace", "20"]);
+    build_past_its_success_line(&env);
+    d.signal(libc::SIGTERM);
+    assert_eq!(d.wait_exit(Duration::from_secs(60)), Some(0));
+    let o = env.latc(&["history", "--json"]);
+    assert!(stdout(&o).contains("\"succeeded\""), "{}", stdout(&o));
+    assert_deploy_complete(&env);
+    env.assert_no_leftovers();
+}
