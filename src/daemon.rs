@@ -568,13 +568,12 @@ impl Daemon {
         if wakeup.shutdown.load(Ordering::Relaxed) && !*shutdown_sent {
             *shutdown_sent = true;
             log::info!("asked to exit: stopping what runs, then exiting");
+            self.note_log();
             self.feed(Event::Shutdown);
         }
         // Children are reaped when SIGCHLD says so, every tick while a
         // build is tracked (its group is watched), and once a second anyway.
-        if let Some(e) = self.procs.watch_log() {
-            self.feed(e);
-        }
+        self.note_log();
         if self.signalled || self.procs.build_running() || self.last_reap.elapsed() >= REAP_EVERY {
             self.last_reap = Instant::now();
             for e in self.procs.reap() {
@@ -608,6 +607,13 @@ impl Daemon {
         self.housekeeping();
     }
 
+    /// Feeds what the running build's SDK logged since the last look.
+    fn note_log(&mut self) {
+        if let Some(e) = self.procs.watch_log() {
+            self.feed(e);
+        }
+    }
+
     fn handle_incoming(&mut self, inc: crate::channel::Incoming) {
         // Recorded before the reply, so a client that has its reply finds
         // its line in the history.
@@ -623,6 +629,13 @@ impl Daemon {
             Ok(request) => {
                 self.channel.mark_invalid(false);
                 log::debug!("request from {}: {request:?}", inc.slot);
+                if matches!(request, crate::machine::Request::Stop) {
+                    // What its sender read in the log latd knows too: a
+                    // success line logged since this tick's look decides
+                    // how the stop goes (the deployed caller stops the
+                    // moment it reads that line).
+                    self.note_log();
+                }
                 Event::Request { id, request }
             }
             Err(inv) => {
