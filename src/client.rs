@@ -94,22 +94,27 @@ impl Client {
     /// Is a daemon alive on this channel? Fast: a lock test and one stat.
     /// When none is, says so, and what a waiting latd says it waits for.
     pub fn check_alive(&self) -> Result<(), ClientError> {
-        self.check_lock()
-            .and_then(|()| self.check_heartbeat())
-            .map_err(|e| self.with_standby_note(e))
+        let held = self.check_lock().map_err(|e| self.with_standby_note(e))?;
+        match self.check_heartbeat() {
+            // A latd holds the lock and has not written its first heartbeat
+            // yet: it is starting (it does so before it answers anything).
+            Err(_) if held && !self.channel.join(protocol::ALIVE_FILE).exists() => Ok(()),
+            r => r.map_err(|e| self.with_standby_note(e)),
+        }
     }
 
     /// On one kernel, knows at once that no daemon holds the channel's
     /// lock (see [`crate::lock::probe`]); elsewhere leaves it to the
-    /// heartbeat.
-    fn check_lock(&self) -> Result<(), ClientError> {
+    /// heartbeat. `Ok(true)`: a daemon holds it.
+    fn check_lock(&self) -> Result<bool, ClientError> {
         match crate::lock::probe(&self.channel) {
             crate::lock::Probe::Free => Err(ClientError::Unreachable(format!(
                 "no latd is running: nothing holds the channel's lock {}; {}",
                 self.channel.join(protocol::LOCK_FILE).display(),
                 self.hint()
             ))),
-            crate::lock::Probe::Held | crate::lock::Probe::Unknown => Ok(()),
+            crate::lock::Probe::Held => Ok(true),
+            crate::lock::Probe::Unknown => Ok(false),
         }
     }
 

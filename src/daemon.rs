@@ -468,6 +468,11 @@ pub fn run(settings: Settings) -> Result<(), String> {
     ];
     first.extend(d.machine.startup_effects());
     d.perform_all(first);
+    // The heartbeat before anything is said or answered: a client that
+    // finds the lock held finds the heartbeat too (a standby taking over
+    // finds none: the latd before it removed its own on exit).
+    d.heartbeat();
+    d.last_heartbeat = Some(Instant::now());
     log::info!(
         "latd {} serving channel {} (workspace {}, SDK {})",
         env!("CARGO_PKG_VERSION"),

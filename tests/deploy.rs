@@ -524,8 +524,15 @@ fn a_rolling_update_hands_the_channel_from_the_old_lat_side_to_the_new() {
     // And the deployed caller works through the new one.
     caller_yaml(&env, "standin_duration: 1");
     let out = run_caller(&builder);
-    assert!(out.contains("CALLER: build succeeded"), "{out}");
-    assert!(out.contains("CALLER: stopped"), "{out}");
+    let why = || {
+        format!(
+            "{out}\n--- the SDK's log:\n{}\n--- the new latd:\n{}",
+            fs::read_to_string(env.root.join("localdisk/log/log.appsdk")).unwrap_or_default(),
+            new.log()
+        )
+    };
+    assert!(out.contains("CALLER: build succeeded"), "{}", why());
+    assert!(out.contains("CALLER: stopped"), "{}", why());
 }
 
 /// Waits until the build whose log is `log` has its workers (the log says
