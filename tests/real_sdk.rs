@@ -382,6 +382,12 @@ fn a_second_stop_while_the_sdk_finishes_waits_with_the_first() {
         .spawn()
         .unwrap();
     env.wait_state("stopping");
+    // People are told what the stop waits for.
+    let s = env.status_text();
+    assert!(
+        s.contains("activity: the SDK logged its success line and is finishing its deploy"),
+        "{s}"
+    );
     let second = env.latc(&["stop"]);
     let first = first.wait_with_output().unwrap();
     for o in [&first, &second] {

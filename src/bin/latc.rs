@@ -609,6 +609,9 @@ fn render_status(text: &str, d: &StatusDoc, now: Millis) -> String {
         ),
     };
     let mut human = vec![format!("state: {}", d.state)];
+    if let Some(a) = &d.activity {
+        human.push(format!("activity: {}", tidy(a.as_bytes())));
+    }
     if let Some(b) = &d.build {
         human.push(format!(
             "build: {} ({})",
