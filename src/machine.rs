@@ -667,6 +667,9 @@ pub enum State {
         /// Whether a stop was asked for (by a client or a shutdown); if
         /// not, the build ended by itself and only its leftovers are killed.
         requested: bool,
+        /// The SDK had logged its success line when the stop began (it was
+        /// let finish rather than terminated).
+        after_success: bool,
     },
     Cleaning {
         job: JobId,
@@ -1081,6 +1084,7 @@ impl Machine {
                             sig: Sig::Kill,
                         });
                         let build = build.clone();
+                        let after_success = build.success_logged;
                         self.state = State::Stopping {
                             build,
                             deadline: now.saturating_add(KILL_WAIT_MS),
@@ -1089,6 +1093,7 @@ impl Machine {
                             waiters: Vec::new(),
                             then_exit: false,
                             requested: false,
+                            after_success,
                         };
                         return;
                     }
@@ -1371,7 +1376,8 @@ impl Machine {
             // After its success line the SDK is deploying and cleaning
             // up: a SIGTERM now would cut that short, so it gets the grace
             // period to end by itself first.
-            let phase = if build.success_logged {
+            let after_success = build.success_logged;
+            let phase = if after_success {
                 StopPhase::Finishing
             } else {
                 fx.push(Effect::Signal {
@@ -1388,6 +1394,7 @@ impl Machine {
                 waiters,
                 then_exit,
                 requested: true,
+                after_success,
             };
         }
     }
@@ -1400,6 +1407,7 @@ impl Machine {
             then_exit,
             phase,
             requested,
+            after_success,
             ..
         } = std::mem::replace(&mut self.state, State::Idle)
         else {
@@ -1412,10 +1420,13 @@ impl Machine {
             ""
         };
         // A build that had logged its success keeps it: the deployed
-        // caller stops right after the success line.
+        // caller stops right after the success line. One that logged it
+        // only after the stop began (an SDK that went on despite the
+        // SIGTERM) keeps it only if it then finished by itself.
         let killed = phase == StopPhase::Killing;
+        let kept = after_success || exit == Some(Exit::Code(0));
         let (outcome, reason) = match exit {
-            _ if requested && build.success_logged => (Outcome::Succeeded, None),
+            _ if requested && build.success_logged && kept => (Outcome::Succeeded, None),
             Some(e) if !requested => natural_outcome(e, &build),
             _ => (
                 Outcome::Stopped,

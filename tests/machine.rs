@@ -777,10 +777,11 @@ fn stop_after_the_build_exited_0_keeps_succeed() {
 }
 
 #[test]
-fn stopped_build_that_had_deployed_keeps_succeed() {
+fn a_success_line_read_after_the_stops_sigterm_does_not_make_it_a_success() {
     let mut r = stopping();
     let waiter = *r.open.iter().next().unwrap();
-    // The SDK had written its success line; SIGTERM caught it exiting.
+    // The SDK wrote its success line as the SIGTERM came: its deploy, which
+    // comes after that line, was cut short.
     r.go(|r| Event::LogRead {
         build_id: r.bid(),
         news: LogNews {
@@ -796,8 +797,16 @@ fn stopped_build_that_had_deployed_keeps_succeed() {
     let rep = reply_to(&fx, waiter);
     assert_eq!((rep.result, rep.build_id), (ReplyResult::Succeed, Some(1)));
     let b = r.last_build();
-    assert_eq!((b.outcome, b.fail_reason), (Outcome::Succeeded, None));
-    assert_eq!(r.m.status(r.now).build_status, "succeed");
+    assert_eq!(b.outcome, Outcome::Stopped);
+    assert_eq!(r.m.status(r.now).build_status, "fail");
+}
+
+#[test]
+fn an_sdk_that_went_on_despite_the_stop_and_finished_keeps_its_success() {
+    let mut r = stopping();
+    r.go(log_success);
+    r.go(exit0);
+    assert_eq!(r.last_build().outcome, Outcome::Succeeded);
 }
 
 #[test]
@@ -2419,10 +2428,11 @@ fn a_finishing_sdk_that_ends_leaving_helpers_has_them_killed_at_once() {
 fn a_stop_before_the_success_line_terms_at_once() {
     let mut r = building();
     assert_eq!(signals(&r.go(stop)), vec![(1, Sig::Term)]);
-    // The success line logged while it exits does not undo the stop's SIGTERM.
+    // The success line logged while it exits does not undo the stop's
+    // SIGTERM, nor make the cut-short build a success.
     r.go(log_success);
     r.go(term_exit);
-    assert_eq!(r.last_build().outcome, Outcome::Succeeded);
+    assert_eq!(r.last_build().outcome, Outcome::Stopped);
 }
 
 #[test]

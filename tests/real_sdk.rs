@@ -412,3 +412,21 @@ fn latd_asked_to_exit_while_the_sdk_finishes_lets_it_finish() {
     assert_deploy_complete(&env);
     env.assert_no_leftovers();
 }
+
+#[test]
+fn a_build_stopped_before_its_success_line_and_killed_mid_deploy_is_not_a_success() {
+    let env = TestEnv::new("stop-then-success");
+    let _d = env.daemon_with(&["--grace", "3"]);
+    // A stubborn SDK: it ignores the SIGTERM, logs its success line after
+    // the stop, and is killed in the middle of its deploy.
+    env.start_build("standin_duration: 1.5\nstandin_ignore_term: true\nstandin_post_success: 20");
+    assert_ne!(env.status_json()["build"]["success_logged"], true);
+    let o = env.latc(&["stop"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let log = fs::read_to_string(env.ws.join("log/log.appsdk")).unwrap();
+    assert!(log.contains("DEBUG: Deploy ovmf.qcow2"), "{log}");
+    assert!(!env.ws.join("deploy/standin-report.txt").exists());
+    let s = env.status_json();
+    assert_eq!(s["build_status"], "fail", "{s}");
+    assert_eq!(s["build"]["outcome"], "stopped", "{s}");
+}
