@@ -238,6 +238,11 @@ impl Drop for TestEnv {
                 unsafe { libc::kill(pid, libc::SIGKILL) };
             }
         }
+        // The cgroups of builds whose latd was killed while they ran (a
+        // latd started on the channel again would have removed them).
+        if let Ok(tag) = latd::effects::channel_mark(&self.channel) {
+            latd::cgroup::kill_leftovers(&tag);
+        }
         unmount_below(&self.root);
         if !std::thread::panicking() {
             let _ = fs::remove_dir_all(&self.root);
