@@ -189,6 +189,11 @@ pub struct Channel {
     set_up: bool,
     /// Files replaced this tick, held open until the replies are out.
     retired: VecDeque<fs::File>,
+    /// `status.lat`, `s-2-c.msg` and `latd.alive`, rewritten in place on
+    /// a network filesystem (see [`fsutil::InPlace`]).
+    status_file: fsutil::InPlace,
+    reply_file: fsutil::InPlace,
+    alive_file: fsutil::InPlace,
     fifo_warned: bool,
     /// The channel directory, held open: every file operation goes through
     /// it (`via`), so a client that swaps the channel's path for a symlink
@@ -264,6 +269,9 @@ impl Channel {
             broken: false,
             set_up: false,
             retired: VecDeque::new(),
+            status_file: fsutil::InPlace::default(),
+            reply_file: fsutil::InPlace::default(),
+            alive_file: fsutil::InPlace::default(),
             fifo_warned: false,
             held: None,
             via: dir.clone(),
@@ -432,6 +440,9 @@ impl Channel {
             self.dir.clone()
         };
         self.local = is_local_fs(&f);
+        self.status_file.forget();
+        self.reply_file.forget();
+        self.alive_file.forget();
         self.last_listing = None;
         // What was listed is of the directory let go: a sweep under way
         // must not go on by a descriptor number that may name something
@@ -986,14 +997,28 @@ impl Channel {
     fn write_reply(&mut self, slot: &Slot, text: &str) -> io::Result<()> {
         match slot {
             Slot::Legacy => {
-                let old = fsutil::replace_atomic(
-                    &self.via,
-                    protocol::LEGACY_REPLY,
-                    text.as_bytes(),
-                    0o644,
-                    self.owner,
-                )?;
-                self.retire(old);
+                if self.local {
+                    let old = fsutil::replace_atomic(
+                        &self.via,
+                        protocol::LEGACY_REPLY,
+                        text.as_bytes(),
+                        0o644,
+                        self.owner,
+                    )?;
+                    self.retire(old);
+                } else {
+                    // Read by name by clients on other hosts: one inode,
+                    // rewritten (see `InPlace`), on the server before the
+                    // marker says it is there.
+                    self.reply_file.write(
+                        &self.via,
+                        protocol::LEGACY_REPLY,
+                        text.as_bytes(),
+                        0o644,
+                        self.owner,
+                        true,
+                    )?;
+                }
                 fsutil::write_atomic(
                     &self.via,
                     protocol::LEGACY_REPLY_DONE,
@@ -1059,6 +1084,12 @@ impl Channel {
         }
     }
 
+    /// The channel is on a network (or FUSE) filesystem: every poll is a
+    /// request to the server, and other hosts read what latd writes.
+    pub fn is_network(&self) -> bool {
+        self.held.is_some() && !self.local
+    }
+
     pub fn has_pending(&self) -> bool {
         !self.pending.is_empty()
     }
@@ -1083,6 +1114,21 @@ impl Channel {
         }
     }
 
+    /// Writes the heartbeat file `latd.alive`: always in place, one inode
+    /// held open for writing, so a client on another host that reads it
+    /// by name reads the last beat (see [`fsutil::InPlace`]); pushed to
+    /// the server at once on a network filesystem.
+    pub fn write_alive(&mut self, text: &str) -> io::Result<()> {
+        self.alive_file.write(
+            &self.via,
+            protocol::ALIVE_FILE,
+            text.as_bytes(),
+            0o644,
+            None,
+            !self.local,
+        )
+    }
+
     pub fn write_status(&mut self, doc: &StatusDoc) {
         let text = serde_yaml::to_string(doc).unwrap_or_default();
         match self.write_status_text(&text) {
@@ -1098,6 +1144,18 @@ impl Channel {
     }
 
     fn write_status_text(&mut self, text: &str) -> io::Result<()> {
+        if !self.local {
+            // Read by name by clients on other hosts (the original latc
+            // runs `cat status.lat`): one inode, rewritten (see `InPlace`).
+            return self.status_file.write(
+                &self.via,
+                protocol::STATUS_FILE,
+                text.as_bytes(),
+                0o644,
+                self.owner,
+                true,
+            );
+        }
         let old = fsutil::replace_atomic(
             &self.via,
             protocol::STATUS_FILE,
@@ -1176,9 +1234,9 @@ fn excerpt(bytes: &[u8]) -> String {
 
 /// Reads one request file. `done_name` is the marker that announced it.
 fn read_request(path: &Path, name: &str, done_name: &str) -> (String, Result<RawRequest, Invalid>) {
-    let before = fs::symlink_metadata(path);
-    let read = fsutil::read_capped(path, protocol::MAX_MESSAGE_BYTES);
-    let (bytes, too_long, md) = match read {
+    let path_before = fs::symlink_metadata(path).map(|m| m.ino());
+    let read = fsutil::read_capped_checked(path, protocol::MAX_MESSAGE_BYTES);
+    let (bytes, too_long, opened, stable) = match read {
         Ok(r) => r,
         Err(e) if e.kind() == io::ErrorKind::NotFound => {
             return (
@@ -1209,8 +1267,14 @@ fn read_request(path: &Path, name: &str, done_name: &str) -> (String, Result<Raw
             )),
         );
     }
-    let after = fs::symlink_metadata(path);
-    let same = matches!((&before, &after), (Ok(b), Ok(a)) if identity(b) == identity(&md) && identity(a) == identity(&md));
+    // Rewritten while read: a second read through the descriptor gives
+    // other bytes. Replaced (renamed over) while read: the name names
+    // another inode before or after. Never a path's size or time: on NFS
+    // or FUSE those may come from an attribute cache that contradicts the
+    // file though nothing changed; an inode number is not cached apart.
+    let path_after = fs::symlink_metadata(path).map(|m| m.ino());
+    let same = stable
+        && matches!((&path_before, &path_after), (Ok(b), Ok(a)) if *b == opened.ino() && *a == opened.ino());
     if !same {
         return (
             text,

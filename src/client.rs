@@ -129,16 +129,37 @@ impl Client {
         }
     }
 
-    /// The heartbeat: `latd.alive` present and recent.
+    /// The heartbeat file, read through a fresh descriptor (on NFS an
+    /// open revalidates: no cached attributes or content).
+    fn read_alive(&self) -> io::Result<(crate::heartbeat::Beat, SystemTime)> {
+        let alive = self.channel.join(protocol::ALIVE_FILE);
+        let (bytes, _, md, _) = match fsutil::read_capped_checked(&alive, 4096) {
+            // On NFS "no such file" may be this host's cache speaking (the
+            // file was remade on another host): a listing revalidates it.
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                let _ = fs::read_dir(&self.channel).map(|d| d.count());
+                fsutil::read_capped_checked(&alive, 4096)?
+            }
+            r => r?,
+        };
+        let beat = crate::heartbeat::parse(&String::from_utf8_lossy(&bytes));
+        Ok((beat, md.modified().unwrap_or(SystemTime::UNIX_EPOCH)))
+    }
+
+    /// Before a request: is there a heartbeat at all? Its age is judged
+    /// after the request is written, against the request's own time on
+    /// the channel's filesystem ([`Client::check_heartbeat_against`]), and
+    /// while latc waits, by its counter: never against this host's clock.
+    /// (Only a heartbeat without a counter, from an older latd, is judged
+    /// by its mtime against this host's clock.)
     fn check_heartbeat(&self) -> Result<(), ClientError> {
         let alive = self.channel.join(protocol::ALIVE_FILE);
-        match fs::metadata(&alive) {
-            Ok(md) => {
-                let age = md
-                    .modified()
-                    .ok()
-                    .and_then(|m| SystemTime::now().duration_since(m).ok())
-                    .unwrap_or(Duration::ZERO);
+        match self.read_alive() {
+            Ok((beat, mtime)) => {
+                if beat.beat.is_some() {
+                    return Ok(());
+                }
+                let age = crate::heartbeat::age_at(mtime, SystemTime::now());
                 if age > HEARTBEAT_STALE {
                     Err(ClientError::Unreachable(format!(
                         "latd is not responding: its heartbeat {} is {}s old; it has probably died. {}",
@@ -175,12 +196,62 @@ impl Client {
     /// and one that is ahead only makes the expiry later.
     fn expiry(&self, timeout: Duration) -> u64 {
         let own = crate::clock::wall_now();
-        let latd = fs::metadata(self.channel.join(protocol::ALIVE_FILE))
-            .and_then(|md| md.modified())
-            .ok()
-            .and_then(|m| m.duration_since(SystemTime::UNIX_EPOCH).ok())
-            .map_or(0, |d| d.as_millis() as u64);
+        // latd's clock as its heartbeat (read afresh) states it; from an
+        // older latd, the file's mtime.
+        let latd = match self.read_alive() {
+            Ok((beat, _)) if beat.clock_ms.is_some() => beat.clock_ms.unwrap_or(0),
+            _ => fs::metadata(self.channel.join(protocol::ALIVE_FILE))
+                .and_then(|md| md.modified())
+                .ok()
+                .and_then(|m| m.duration_since(SystemTime::UNIX_EPOCH).ok())
+                .map_or(0, |d| d.as_millis() as u64),
+        };
         own.max(latd).saturating_add(timeout.as_millis() as u64)
+    }
+
+    /// Right after the request was written at `stamp` (the request file's
+    /// mtime, on the channel filesystem's clock): a heartbeat written more
+    /// than [`HEARTBEAT_STALE`] before it means latd is gone. Both times
+    /// come from one clock (the NFS server's, or this machine's).
+    fn check_heartbeat_against(&self, stamp: SystemTime) -> Result<(), ClientError> {
+        let Ok((beat, mtime)) = self.read_alive() else {
+            return self.check_heartbeat();
+        };
+        if beat.beat.is_none() {
+            return Ok(());
+        }
+        let age = crate::heartbeat::age_at(mtime, stamp);
+        if age > HEARTBEAT_STALE {
+            return Err(ClientError::Unreachable(format!(
+                "latd is not responding: its heartbeat {} was last written {}s before this request (both times from the channel's filesystem); it has probably died or hangs. {}",
+                self.channel.join(protocol::ALIVE_FILE).display(),
+                age.as_secs(),
+                self.hint()
+            )));
+        }
+        Ok(())
+    }
+
+    /// While waiting: a heartbeat whose counter has not moved for
+    /// [`HEARTBEAT_STALE`] (by this process's monotonic clock) means latd
+    /// is gone or hangs.
+    fn check_heartbeat_moving(
+        &self,
+        watch: &mut crate::heartbeat::Watch,
+    ) -> Result<(), ClientError> {
+        match self.read_alive() {
+            Ok((beat, _)) => watch.see(beat, Instant::now()),
+            Err(_) => return self.check_heartbeat(),
+        }
+        match watch.still_for(Instant::now()) {
+            Some(still) if still > HEARTBEAT_STALE => Err(ClientError::Unreachable(format!(
+                "latd is not responding: its heartbeat {} has not moved for {}s; it has probably died or hangs. {}",
+                self.channel.join(protocol::ALIVE_FILE).display(),
+                still.as_secs(),
+                self.hint()
+            ))),
+            _ => Ok(()),
+        }
     }
 
     /// Sends a request and waits for its reply.
@@ -211,23 +282,18 @@ impl Client {
             protocol::MESSAGE_SUFFIX
         );
         let rep_name = format!("{}{id}{}", protocol::REPLY_PREFIX, protocol::MESSAGE_SUFFIX);
-        fsutil::write_atomic(
-            &self.channel,
-            &req_name,
-            text.as_bytes(),
-            0o644,
-            None,
-            false,
-        )
-        .map_err(|e| {
-            ClientError::Io(format!(
-                "cannot write the request into {}: {e}; the channel must be writable by you",
-                self.channel.display()
-            ))
-        })?;
+        let stamp = fsutil::write_atomic_stamped(&self.channel, &req_name, text.as_bytes(), 0o644)
+            .map_err(|e| {
+                ClientError::Io(format!(
+                    "cannot write the request into {}: {e}; the channel must be writable by you",
+                    self.channel.display()
+                ))
+            })?;
         log::debug!("sent {req_name}");
         // Withdrawn on every way out of here, unless latd took it already.
         let _pending = Withdraw(self.channel.join(&req_name));
+        self.check_heartbeat_against(stamp)?;
+        let mut watch = crate::heartbeat::Watch::new(Instant::now());
         fsutil::poke(&self.channel.join(protocol::WAKE_FIFO));
         let rep_path = self.channel.join(&rep_name);
         let start = Instant::now();
@@ -265,6 +331,7 @@ impl Client {
             if last_alive.elapsed() >= Duration::from_secs(2) {
                 last_alive = Instant::now();
                 self.check_alive()?;
+                self.check_heartbeat_moving(&mut watch)?;
             }
             std::thread::sleep(pause);
             // Fast at first (the daemon usually answers within a ms), then
@@ -294,7 +361,7 @@ impl Client {
             .map(Path::to_path_buf)
             .chain(std::iter::once(self.channel.join(fallback)));
         for p in candidates {
-            if let Ok(bytes) = fsutil::read_regular(&p) {
+            if let Ok(bytes) = fsutil::read_regular_fresh(&p) {
                 return Some((p, String::from_utf8_lossy(&bytes).into_owned()));
             }
         }

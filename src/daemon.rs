@@ -46,6 +46,8 @@ pub const ENV_SCRIPT: &str = "environment-setup-corei7-64-wrs-linux";
 
 /// How often the heartbeat file's mtime is refreshed.
 pub const HEARTBEAT_EVERY: Duration = Duration::from_secs(2);
+/// The fastest poll while busy on a network filesystem (NFS, CIFS, FUSE).
+const NETWORK_BUSY_POLL: Duration = Duration::from_millis(50);
 /// After a request, poll fast for this long (the next one often follows).
 const BUSY_AFTER_ACTIVITY: Duration = Duration::from_secs(2);
 /// How often children are reaped when nothing says there is any to reap.
@@ -352,6 +354,8 @@ struct Daemon {
     unsaved_state: Option<Vec<u8>>,
     state_save_failed: bool,
     last_heartbeat: Option<Instant>,
+    /// Heartbeats written: the counter in `latd.alive`.
+    beats: u64,
     last_sweep: Instant,
 }
 
@@ -459,6 +463,7 @@ pub fn run(settings: Settings) -> Result<(), String> {
         unsaved_state: None,
         state_save_failed: false,
         last_heartbeat: None,
+        beats: 0,
         last_sweep: Instant::now(),
     };
     // Record the recovered state before answering anything.
@@ -826,34 +831,27 @@ impl Daemon {
     }
 
     /// Advertises that the daemon is alive: the file's content says who,
-    /// its mtime says when it last looked.
+    /// and its `beat` counter, rewritten every [`HEARTBEAT_EVERY`], says
+    /// that it still runs. A client judges the counter's moving, never the
+    /// file's time against its own clock (another host's clock may differ,
+    /// and NFS caches attributes); the write itself stamps the mtime with
+    /// the filesystem's clock (no explicit time is set).
     fn heartbeat(&mut self) {
-        let path = self.channel.at(protocol::ALIVE_FILE);
-        // The first beat writes who we are (the file may be a dead
-        // daemon's); later ones only refresh the mtime.
-        let touched = self.last_heartbeat.is_some()
-            && crate::fsutil::open_existing_for_write(&path)
-                .and_then(|f| f.set_modified(std::time::SystemTime::now()))
-                .is_ok();
-        if !touched {
-            let text = format!(
-                "pid: {}\nversion: {}\nstarted_at: {}\nchannel: {}\nworkspace: {}\n",
-                std::process::id(),
-                env!("CARGO_PKG_VERSION"),
-                iso8601(self.machine.status(self.clock.now()).started_at),
-                self.settings.channel.display(),
-                self.settings.workspace.display()
+        self.beats += 1;
+        let text = crate::heartbeat::render(
+            std::process::id(),
+            env!("CARGO_PKG_VERSION"),
+            &iso8601(self.machine.status(self.clock.now()).started_at),
+            &self.settings.channel.display().to_string(),
+            &self.settings.workspace.display().to_string(),
+            self.beats,
+            crate::clock::wall_now(),
+        );
+        if let Err(e) = self.channel.write_alive(&text) {
+            log::warn!(
+                "cannot write {}: {e}",
+                self.channel.path(protocol::ALIVE_FILE).display()
             );
-            if let Err(e) = crate::fsutil::write_atomic(
-                self.channel.io_dir(),
-                protocol::ALIVE_FILE,
-                text.as_bytes(),
-                0o644,
-                None,
-                false,
-            ) {
-                log::warn!("cannot write {}: {e}", path.display());
-            }
         }
     }
 
@@ -866,7 +864,16 @@ impl Daemon {
             || self.channel.has_pending()
             || self.unsaved_state.is_some()
             || self.procs.build_running();
-        let mut t = if busy {
+        let mut t = if busy && self.channel.is_network() {
+            // Each poll of an NFS channel is a request to the server (the
+            // listing revalidates the directory), and clients on other
+            // hosts poll on their own schedule: a few milliseconds buy
+            // them nothing. Same-kernel clients wake latd through the FIFO.
+            self.settings
+                .busy_poll
+                .max(NETWORK_BUSY_POLL)
+                .min(self.settings.idle_poll)
+        } else if busy {
             self.settings.busy_poll
         } else {
             self.settings.idle_poll

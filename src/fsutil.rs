@@ -79,6 +79,35 @@ pub fn write_atomic(
 /// While the handle lives, the old file's blocks are not freed: the caller
 /// can drop it after its reply is out, since freeing them may wait on the
 /// disk (a synchronous discard on some mounts).
+/// [`write_atomic`] for a client's request: returns the file's mtime as
+/// the filesystem stamped it (on NFS the server's clock: reading the
+/// attributes of a written file flushes it first), a time to compare with
+/// other files' on the same filesystem.
+pub fn write_atomic_stamped(
+    dir: &Path,
+    name: &str,
+    data: &[u8],
+    mode: u32,
+) -> io::Result<std::time::SystemTime> {
+    let tmp = dir.join(temp_name(name));
+    let result = (|| {
+        let mut f = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(mode)
+            .open(&tmp)?;
+        f.write_all(data)?;
+        let stamp = f.metadata()?.modified()?;
+        drop(f);
+        fs::rename(&tmp, dir.join(name))?;
+        Ok(stamp)
+    })();
+    if result.is_err() {
+        let _ = fs::remove_file(&tmp);
+    }
+    result
+}
+
 pub fn replace_atomic(
     dir: &Path,
     name: &str,
@@ -404,6 +433,31 @@ pub fn read_regular(path: &Path) -> io::Result<Vec<u8>> {
     Ok(bytes)
 }
 
+/// [`read_regular`] for a file another host may just have made (a log or
+/// status file a reply names): on "no such file" it lists each directory
+/// on the way down to it and tries once more. An NFS client trusts a
+/// cached "no such file" (for a name, or a directory on the way) until the
+/// directory's cached attributes expire; a fresh listing revalidates it.
+pub fn read_regular_fresh(path: &Path) -> io::Result<Vec<u8>> {
+    match read_regular(path) {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            revalidate_dirs(path);
+            read_regular(path)
+        }
+        other => other,
+    }
+}
+
+/// Lists each directory on the way down to `path` (not `/`): on NFS this
+/// revalidates the client's cached names, "no such file" included.
+pub fn revalidate_dirs(path: &Path) {
+    let mut dirs: Vec<&Path> = path.ancestors().skip(1).collect();
+    dirs.reverse();
+    for d in dirs.into_iter().filter(|d| d.parent().is_some()) {
+        let _ = fs::read_dir(d).map(|entries| entries.count());
+    }
+}
+
 fn regular(f: File) -> io::Result<File> {
     if f.metadata()?.is_file() {
         Ok(f)
@@ -530,4 +584,167 @@ pub fn dir_entries(dir: &File) -> Vec<String> {
 /// The attributes of `name` in `dir`, not following a symlink.
 pub fn lstat_at(dir: &File, name: &str) -> io::Result<fs::Metadata> {
     fs::symlink_metadata(via_fd(dir, name))
+}
+
+/// Reads at most `cap` bytes of a regular file (true if it was longer),
+/// with the descriptor's metadata as it was opened, and whether a second
+/// read through the same descriptor gave the same bytes (false: the file
+/// was being rewritten meanwhile). Content is compared, not attributes: on
+/// NFS or FUSE attributes may come from a cache and change between two
+/// looks though the file did not (FUSE refreshes a cached size once a read
+/// reaches past it).
+pub fn read_capped_checked(
+    path: &Path,
+    cap: u64,
+) -> io::Result<(Vec<u8>, bool, fs::Metadata, bool)> {
+    use std::os::unix::fs::FileExt;
+    refresh_attributes(path);
+    let mut f = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(path)?;
+    let md = f.metadata()?;
+    if !md.is_file() {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "not a regular file",
+        ));
+    }
+    let mut buf = Vec::new();
+    (&mut f).take(cap + 1).read_to_end(&mut buf)?;
+    let mut again = vec![0u8; buf.len() + 1];
+    let mut n = 0;
+    while n < again.len() {
+        match f.read_at(&mut again[n..], n as u64)? {
+            0 => break,
+            k => n += k,
+        }
+    }
+    let stable = again[..n] == buf[..];
+    let too_long = buf.len() as u64 > cap;
+    buf.truncate(cap as usize);
+    Ok((buf, too_long, md, stable))
+}
+
+/// Asks the filesystem for `path`'s attributes afresh (`statx` with
+/// `AT_STATX_FORCE_SYNC`), so that a file another host rewrote in place is
+/// read to its new end: a FUSE mount bounds reads by the size in its
+/// attribute cache, and NFS's close-to-open does not apply to every FUSE
+/// filesystem. Best effort (an older kernel just ignores the flag).
+pub fn refresh_attributes(path: &Path) {
+    let Ok(c) = CString::new(path.as_os_str().as_bytes()) else {
+        return;
+    };
+    let mut buf = std::mem::MaybeUninit::<libc::statx>::zeroed();
+    // SAFETY: a valid C string and a buffer of the right type and size;
+    // the raw syscall avoids depending on the C library's wrapper.
+    unsafe {
+        libc::syscall(
+            libc::SYS_statx,
+            libc::AT_FDCWD,
+            c.as_ptr(),
+            libc::AT_SYMLINK_NOFOLLOW | libc::AT_STATX_FORCE_SYNC,
+            libc::STATX_BASIC_STATS,
+            buf.as_mut_ptr(),
+        )
+    };
+}
+
+/// A file that is rewritten in place: one inode for as long as it stays
+/// in its place, held open for writing.
+///
+/// For files that clients on other NFS hosts read by name (`status.lat`,
+/// `s-2-c.msg`, `latd.alive`). A file replaced by a rename is a new inode:
+/// a client that cached the old name's file handle, or holds a read
+/// delegation on it (two mounts through one NFS client share delegations,
+/// and the server does not recall a client's own), opens a file that no
+/// longer exists and gets "Stale file handle". One inode, rewritten, stays
+/// valid in every cache; and while latd holds it open for writing the
+/// server grants no read delegation on it, so every reader's open
+/// revalidates it (close-to-open) and reads what was last written.
+///
+/// A write never shrinks the file: shorter content is padded with spaces
+/// on a last line, so a reader never sees the new beginning followed by
+/// the end of the old content. The file is created (and re-created when
+/// something else took its place) by writing a temporary file and renaming
+/// it into place, so a symlink or hard link planted there is never written
+/// through.
+#[derive(Debug, Default)]
+pub struct InPlace {
+    held: Option<(File, u64, u64)>,
+}
+
+impl InPlace {
+    /// Writes `data` as `dir/name`. `flush`: push it to the server before
+    /// returning (a network filesystem: other hosts read it next).
+    pub fn write(
+        &mut self,
+        dir: &Path,
+        name: &str,
+        data: &[u8],
+        mode: u32,
+        owner: Option<Owner>,
+        flush: bool,
+    ) -> io::Result<()> {
+        if let Some((f, dev, ino)) = &self.held {
+            let still = fs::symlink_metadata(dir.join(name))
+                .is_ok_and(|m| m.dev() == *dev && m.ino() == *ino && m.is_file());
+            if still {
+                return write_over(f, data, flush);
+            }
+            self.held = None;
+        }
+        let tmp = dir.join(temp_name(name));
+        let made = (|| {
+            let mut f = OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create_new(true)
+                .mode(mode)
+                .custom_flags(libc::O_NOFOLLOW)
+                .open(&tmp)?;
+            f.write_all(data)?;
+            f.set_permissions(std::os::unix::fs::PermissionsExt::from_mode(mode))?;
+            if let Some(o) = owner {
+                give_away(std::os::unix::fs::fchown(&f, Some(o.uid), Some(o.gid)));
+            }
+            if flush {
+                f.sync_data()?;
+            }
+            fs::rename(&tmp, dir.join(name))?;
+            let md = f.metadata()?;
+            Ok((f, md.dev(), md.ino()))
+        })();
+        match made {
+            Ok(h) => {
+                self.held = Some(h);
+                Ok(())
+            }
+            Err(e) => {
+                let _ = fs::remove_file(&tmp);
+                Err(e)
+            }
+        }
+    }
+
+    /// Forgets the file (the directory it was in is no longer served).
+    pub fn forget(&mut self) {
+        self.held = None;
+    }
+}
+
+/// Rewrites `f` from its start with `data`, padded to the file's length.
+fn write_over(f: &File, data: &[u8], flush: bool) -> io::Result<()> {
+    use std::os::unix::fs::FileExt;
+    let len = f.metadata()?.len() as usize;
+    let mut buf = data.to_vec();
+    if buf.len() < len {
+        buf.resize(len - 1, b' ');
+        buf.push(b'\n');
+    }
+    f.write_all_at(&buf, 0)?;
+    if flush {
+        f.sync_data()?;
+    }
+    Ok(())
 }

@@ -13,6 +13,7 @@
 //! - [`daemon`]: the poll loop that ties them together (`latd`);
 //! - [`client`]: the client side (`latc`);
 //! - [`yaml_limits`]: what YAML from clients may cost, checked before parsing;
+//! - [`heartbeat`]: `latd.alive`, and how a client judges it without comparing clocks;
 //! - [`lock`]: `latd.lock`, who serves a channel, and a test of it for clients.
 
 pub mod cgroup;
@@ -24,6 +25,7 @@ pub mod daemon;
 pub mod diagram;
 pub mod effects;
 pub mod fsutil;
+pub mod heartbeat;
 pub mod lock;
 pub mod machine;
 pub mod mounts;

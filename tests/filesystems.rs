@@ -6,6 +6,7 @@
 mod common;
 use common::*;
 use std::fs;
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -173,4 +174,70 @@ fn build_user_can_use_a_channel_served_by_root() {
         .output()
         .unwrap();
     assert!(o.status.success(), "{}", stderr(&o));
+}
+
+/// Through a FUSE attribute cache (as NFS has one), an original client's
+/// request rewritten in place is read as it is: latd compares the
+/// attributes of the descriptor it read through, never a path's cached
+/// ones (which called every request after the first "changed while it was
+/// being read").
+#[test]
+fn requests_rewritten_in_place_through_an_attribute_cache() {
+    let name = "requests_rewritten_in_place_through_an_attribute_cache";
+    if skip_unless_root(name) {
+        return;
+    }
+    if Command::new("bindfs").arg("--version").output().is_err() {
+        skipped(&format!("{name}: bindfs is not installed"));
+        return;
+    }
+    let env = TestEnv::new("attrcache");
+    let backing = env.root.join("backing");
+    let view = env.root.join("view");
+    fs::create_dir_all(backing.join("channel")).unwrap();
+    fs::create_dir_all(&view).unwrap();
+    let st = Command::new("bindfs")
+        .args(["-o", "negative_timeout=20,entry_timeout=20,attr_timeout=20"])
+        .arg(&backing)
+        .arg(&view)
+        .status()
+        .unwrap();
+    if !st.success() {
+        skipped(&format!("{name}: FUSE mount refused"));
+        return;
+    }
+    let _m = Mount(view.clone());
+    let _d = env.daemon_on(&view);
+    let ch = backing.join("channel");
+    let msgs = [
+        "action: status\n".to_string(),
+        format!("action: logs\nworkdir: {}\n", view.display()),
+        "action: status\nworkdir: /x/../\n".to_string(),
+        "action: status\n".to_string(),
+    ];
+    for (i, msg) in msgs.iter().enumerate() {
+        // The original client: the same file, truncated and rewritten.
+        fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(ch.join("c-2-s.msg"))
+            .unwrap()
+            .write_all(msg.as_bytes())
+            .unwrap();
+        fs::write(ch.join("c-2-s.done"), "").unwrap();
+        let reply = ch.join("s-2-c.done");
+        wait_until(Duration::from_secs(10), "latd's reply", || reply.exists());
+        let text = fs::read_to_string(ch.join("s-2-c.msg")).unwrap();
+        fs::remove_file(&reply).unwrap();
+        assert!(
+            !text.contains("changed while it was being read"),
+            "request {i} refused: {text}"
+        );
+        let action = msg.lines().next().unwrap().trim_start_matches("action: ");
+        assert!(
+            text.contains(&format!("action: {action}")),
+            "request {i}: {text}"
+        );
+    }
 }

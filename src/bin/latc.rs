@@ -528,17 +528,29 @@ fn print_reply_file(reply: &Reply, path: Option<&Path>, what: &str, out: &Out) -
         return EXIT_FAILED;
     };
     // The SDK's log is a symlink to a file beside it; that step is followed.
+    // Another host may just have made the file while this host's NFS
+    // client still caches "no such file": a listing of the way down
+    // revalidates that before each retry.
     let read = if reply.log_file_path.is_some() {
-        latd::fsutil::open_log(path).and_then(|(mut f, _)| {
-            let mut bytes = Vec::new();
-            std::io::Read::read_to_end(&mut f, &mut bytes).map(|_| bytes)
-        })
+        let open = || {
+            latd::fsutil::open_log(path).and_then(|(mut f, _)| {
+                let mut bytes = Vec::new();
+                std::io::Read::read_to_end(&mut f, &mut bytes).map(|_| bytes)
+            })
+        };
+        match open() {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                latd::fsutil::revalidate_dirs(path);
+                open()
+            }
+            other => other,
+        }
     } else {
         // The SDK's exampleyamls first deletes the example YAMLs: one run
         // for another client may be rewriting the file; it comes back.
         let until = Instant::now() + Duration::from_secs(10);
         loop {
-            match latd::fsutil::read_regular(path) {
+            match latd::fsutil::read_regular_fresh(path) {
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound && Instant::now() < until => {
                     std::thread::sleep(Duration::from_millis(50));
                 }
