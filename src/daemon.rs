@@ -559,9 +559,19 @@ fn recover(
     );
     // What it left mounted under its workdir goes too (known only once it
     // had started: the mounts that were there before are kept).
-    if let Some(before) = &b.mounts_before {
-        let snapshot = crate::mounts::Snapshot::from_ids(&b.workdir, before);
-        effects::release_mounts(b.id, &snapshot, root);
+    // Only in the namespace they were noted in: a restarted container has
+    // a new one, where the dead build's mounts are gone with the old, and
+    // what is mounted was mounted before this latd started.
+    match (&b.mounts_before, &b.mounts_ns) {
+        (Some(before), Some(ns)) if *ns == crate::mounts::namespace() => {
+            let snapshot = crate::mounts::Snapshot::from_ids(&b.workdir, before);
+            effects::release_mounts(b.id, &snapshot, root);
+        }
+        (Some(_), _) => log::info!(
+            "build {}: its mounts were noted in another mount namespace (a new container): none of those here is its",
+            b.id
+        ),
+        (None, _) => {}
     }
     Recovered {
         killed,

@@ -176,6 +176,7 @@ impl Processes {
         match self.try_spawn_build(sdk, build_id, req, cgroup.as_ref()) {
             Ok((pid, process, log)) => {
                 let mounts_before = snapshot.ids();
+                let mounts_ns = mounts::namespace();
                 self.mounts = Some((build_id, snapshot));
                 self.build = Some(RunningBuild {
                     build_id,
@@ -195,6 +196,7 @@ impl Processes {
                     build_id,
                     process,
                     mounts_before,
+                    mounts_ns,
                 }
             }
             Err(reason) => {

@@ -37,7 +37,7 @@
 //! let fx = m.step(10, Event::Request { id: ReqId(1), request: Request::Build(build) });
 //! assert!(fx.iter().any(|e| matches!(e, Effect::Spawn { build_id: 1, .. })));
 //! let process = ProcessId { pid: 42, start_ticks: 7 };
-//! let fx = m.step(11, Event::Spawned { build_id: 1, process, mounts_before: vec![] });
+//! let fx = m.step(11, Event::Spawned { build_id: 1, process, mounts_before: vec![], mounts_ns: String::new() });
 //! assert!(matches!(fx.last(), Some(Effect::Reply { id: ReqId(1), reply })
 //!     if reply.result == ReplyResult::Succeed));
 //! assert_eq!(m.status(12).lat_status, "busy");
@@ -206,6 +206,10 @@ pub struct BuildRecord {
     /// the build's are the others. `None` until the build has started.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mounts_before: Option<Vec<u64>>,
+    /// The mount namespace those ids belong to (see
+    /// [`crate::mounts::namespace`]): ids mean nothing in another one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mounts_ns: Option<String>,
 }
 
 impl BuildRecord {
@@ -315,6 +319,8 @@ pub enum Event {
         /// The mounts under the workdir when the build started (their ids):
         /// kept, so that a later daemon too knows which ones are the build's.
         mounts_before: Vec<u64>,
+        /// The mount namespace they are in.
+        mounts_ns: String,
     },
     SpawnFailed {
         build_id: u64,
@@ -1005,6 +1011,7 @@ impl Machine {
                     success_logged: false,
                     error_line: None,
                     mounts_before: None,
+                    mounts_ns: None,
                 };
                 self.state = State::Building {
                     build,
@@ -1018,12 +1025,14 @@ impl Machine {
                     build_id,
                     process,
                     mounts_before,
+                    mounts_ns,
                 },
             ) => {
                 if let State::Building { build, starting } = &mut self.state {
                     if build.id == build_id {
                         build.process = Some(process);
                         build.mounts_before = Some(mounts_before);
+                        build.mounts_ns = Some(mounts_ns);
                         self.dirty = true;
                         if let Some(id) = starting.take() {
                             let reply = Reply {

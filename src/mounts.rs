@@ -69,6 +69,19 @@ fn unescape(s: &str) -> std::ffi::OsString {
     std::ffi::OsString::from_vec(out)
 }
 
+/// Which mount namespace this process is in, as far as a latd started
+/// later can tell: the boot, when pid 1 of this pid namespace started (a
+/// restarted container has a new one), and the namespace's inode. Mount ids
+/// are only compared within one (a new container's mounts get new ids,
+/// and the numbers are reused).
+pub fn namespace() -> String {
+    use std::os::unix::fs::MetadataExt;
+    let boot = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").unwrap_or_default();
+    let init = crate::effects::process_start_ticks(1).unwrap_or(0);
+    let ns = std::fs::metadata("/proc/self/ns/mnt").map_or(0, |m| m.ino());
+    format!("{}:{init}:{ns}", boot.trim())
+}
+
 /// The mounts strictly below `dir`.
 pub fn below(mounts: &[Mount], dir: &Path) -> Vec<Mount> {
     mounts

@@ -217,6 +217,7 @@ fn spawned(r: &mut Rig) -> Event {
         build_id: r.bid(),
         process: PROC,
         mounts_before: Vec::new(),
+        mounts_ns: String::new(),
     }
 }
 fn spawn_failed(r: &mut Rig) -> Event {
@@ -1124,6 +1125,7 @@ fn restart_records_the_interrupted_build_failed() {
         success_logged: false,
         error_line: None,
         mounts_before: None,
+        mounts_ns: None,
     };
     let persisted = Persisted {
         next_build_id: 8,
@@ -1181,6 +1183,7 @@ fn restart_never_reuses_a_build_id_from_history() {
         success_logged: false,
         error_line: None,
         mounts_before: None,
+        mounts_ns: None,
     };
     let persisted = Persisted {
         next_build_id: 0,
@@ -1245,6 +1248,7 @@ fn stale_events_change_nothing() {
             build_id: STALE,
             process: PROC,
             mounts_before: Vec::new(),
+            mounts_ns: String::new(),
         },
         Event::SpawnFailed {
             build_id: STALE,
@@ -1303,6 +1307,7 @@ fn an_old_builds_events_do_not_touch_the_new_one() {
             build_id: 1,
             process: PROC,
             mounts_before: Vec::new(),
+            mounts_ns: String::new(),
         },
     ] {
         assert!(r.step(ev).is_empty());
@@ -1680,6 +1685,7 @@ impl World {
                 build_id: old,
                 process: PROC,
                 mounts_before: Vec::new(),
+                mounts_ns: String::new(),
             },
             1 => Event::SpawnFailed {
                 build_id: old,
@@ -1830,6 +1836,7 @@ impl World {
                             build_id: *build_id,
                             process: PROC,
                             mounts_before: Vec::new(),
+                            mounts_ns: String::new(),
                         }
                     } else {
                         Event::SpawnFailed {
@@ -2537,6 +2544,7 @@ fn recovered_build(found: Recovered) -> BuildRecord {
         success_logged: false,
         error_line: None,
         mounts_before: None,
+        mounts_ns: None,
     };
     let persisted = Persisted {
         next_build_id: 4,
@@ -2677,6 +2685,7 @@ fn a_build_interrupted_by_a_restart_gets_its_end_in_its_log_at_start() {
         success_logged: false,
         error_line: None,
         mounts_before: None,
+        mounts_ns: None,
     };
     let persisted = Persisted {
         next_build_id: 4,

@@ -430,3 +430,105 @@ fn a_build_stopped_before_its_success_line_and_killed_mid_deploy_is_not_a_succes
     assert_eq!(s["build_status"], "fail", "{s}");
     assert_eq!(s["build"]["outcome"], "stopped", "{s}");
 }
+
+/// latd in namespaces of its own (mount and pid), as in a container: it is
+/// pid 1 there, and everything it started dies with it.
+struct Contained {
+    unshare: std::process::Child,
+}
+
+impl Contained {
+    fn start(env: &TestEnv, tag: &str) -> Contained {
+        let _ = fs::remove_file(env.channel.join("latd.alive"));
+        let log = fs::File::create(env.root.join(format!("latd-{tag}.log"))).unwrap();
+        let unshare = std::process::Command::new("unshare")
+            .args([
+                "-m",
+                "-p",
+                "--fork",
+                "--mount-proc",
+                "--propagation",
+                "private",
+            ])
+            .arg(LATD)
+            .args(["--workspace", env.ws.to_str().unwrap()])
+            .args(["--sdk", sdk_dir().to_str().unwrap(), "--grace", "2", "-d"])
+            .env_remove("RUST_LOG")
+            .env_remove("LAT_CHANNEL_DIR")
+            .stdin(std::process::Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        let c = Contained { unshare };
+        wait_until(Duration::from_secs(10), "latd to come up", || {
+            fs::read_to_string(env.channel.join("latd.alive")).is_ok_and(|t| t.contains("pid: 1\n"))
+        });
+        c
+    }
+
+    /// latd, as this (the outer) pid namespace sees it.
+    fn latd_pid(&self) -> i32 {
+        let me = self.unshare.id();
+        fs::read_to_string(format!("/proc/{me}/task/{me}/children"))
+            .unwrap_or_default()
+            .split_whitespace()
+            .next()
+            .and_then(|p| p.parse().ok())
+            .unwrap_or(0)
+    }
+}
+
+impl Drop for Contained {
+    fn drop(&mut self) {
+        let pid = self.latd_pid();
+        if pid > 0 {
+            // SAFETY: kill has no memory effects.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
+        let _ = self.unshare.wait();
+    }
+}
+
+#[test]
+fn a_restart_in_a_new_container_unmounts_nothing_it_started_with() {
+    let test = "a_restart_in_a_new_container_unmounts_nothing_it_started_with";
+    if skip_unless_root(test) {
+        return;
+    }
+    if std::process::Command::new("unshare")
+        .args(["-m", "-p", "--fork", "--mount-proc", "true"])
+        .status()
+        .map_or(true, |s| !s.success())
+    {
+        skipped(&format!("{test}: unshare cannot make namespaces here"));
+        return;
+    }
+    let env = TestEnv::new("restart-newns");
+    {
+        let _c = Contained::start(&env, "first");
+        env.start_build("standin_duration: 60\nstandin_agent: false");
+        // latd dies, and its container with everything in it.
+    }
+    env.assert_no_leftovers();
+    // The new container starts with the workspace's mounts as they are
+    // now, among them one under the workdir the dead build never saw.
+    let cache = env.ws.join("workdir/cache");
+    fs::create_dir_all(&cache).unwrap();
+    assert!(std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "operators-cache"])
+        .arg(&cache)
+        .status()
+        .unwrap()
+        .success());
+    let c = Contained::start(&env, "second");
+    let s = env.status_json();
+    assert_eq!(s["build"]["outcome"], "failed", "{s}");
+    let seen = fs::read_to_string(format!("/proc/{}/mountinfo", c.latd_pid())).unwrap();
+    drop(c);
+    let _ = std::process::Command::new("umount").arg(&cache).status();
+    assert!(
+        seen.contains(&format!(" {} ", cache.display())),
+        "the restarted latd unmounted a mount its container started with:\n{seen}"
+    );
+}
