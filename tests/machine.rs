@@ -2407,7 +2407,11 @@ fn a_finishing_sdk_that_overruns_gets_term_then_kill_and_keeps_succeed() {
         group_alive: false,
     });
     let rep = reply_to(&fx, waiter);
-    assert!(rep.message.unwrap().contains("may be incomplete"));
+    let msg = rep.message.unwrap();
+    assert!(
+        msg.contains("may be incomplete") && msg.contains("was killed"),
+        "{msg}"
+    );
     assert_eq!(r.last_build().outcome, Outcome::Succeeded);
 }
 
@@ -2699,4 +2703,111 @@ fn a_build_interrupted_by_a_restart_gets_its_end_in_its_log_at_start() {
         "{fx:#?}"
     );
     assert!(m.startup_effects().is_empty(), "once");
+}
+
+#[test]
+fn status_says_what_a_build_is_doing_in_words() {
+    let mut r = building();
+    let says = |r: &Rig| r.m.status(r.now).activity.unwrap_or_default();
+    assert!(
+        says(&r).contains("has not created its log yet"),
+        "{}",
+        says(&r)
+    );
+    r.go(|r| Event::LogRead {
+        build_id: r.bid(),
+        news: LogNews {
+            file: Some("/w/log/log.appsdk_9".into()),
+            ..LogNews::default()
+        },
+    });
+    assert_eq!(r.m.status(r.now).activity, None, "a build simply running");
+    r.go(log_success);
+    assert!(says(&r).contains("finishing its deploy"), "{}", says(&r));
+    let r = idle();
+    assert_eq!(r.m.status(r.now).activity, None);
+}
+
+#[test]
+fn logs_of_a_running_build_whose_name_was_set_aside_name_the_sdks_file() {
+    let mut r = building();
+    r.go(|r| Event::LogRead {
+        build_id: r.bid(),
+        news: LogNews {
+            file: Some("/w/log/log.appsdk_9".into()),
+            ..LogNews::default()
+        },
+    });
+    let (id, fx) = r.ask(Request::Logs {
+        path: "/w/log/log.appsdk".into(),
+        missing: Some("No log file found".into()),
+    });
+    let rep = reply_to(&fx, id);
+    assert_eq!(rep.result, ReplyResult::Succeed);
+    assert_eq!(
+        rep.log_file_path,
+        Some(PathBuf::from("/w/log/log.appsdk_9"))
+    );
+}
+
+#[test]
+fn the_build_reply_names_the_build_and_its_log() {
+    let mut r = starting();
+    let id = *r.open.iter().next().unwrap();
+    let fx = r.go(spawned);
+    let rep = reply_to(&fx, id);
+    assert_eq!(rep.build_id, Some(1));
+    assert_eq!(rep.log_file_path, Some(PathBuf::from("/w/log/log.appsdk")));
+    assert_eq!(rep.message.as_deref(), Some("build 1 started"));
+}
+
+#[test]
+fn a_finishing_sdk_cut_short_by_sigterm_keeps_succeed_and_says_so() {
+    let mut r = deployed();
+    r.go(stop);
+    let waiter = *r.open.iter().next().unwrap();
+    r.now += GRACE;
+    assert_eq!(signals(&r.go(tick)), vec![(1, Sig::Term)]);
+    let fx = r.go(|r| Event::BuildExited {
+        build_id: r.bid(),
+        exit: Exit::Code(1),
+        group_alive: false,
+    });
+    let msg = reply_to(&fx, waiter).message.unwrap();
+    assert!(
+        msg.contains("stopped before it finished its deploy"),
+        "{msg}"
+    );
+    assert_eq!(r.last_build().outcome, Outcome::Succeeded);
+}
+
+#[test]
+fn a_failure_points_at_console_log_only_while_the_sdk_has_made_no_log() {
+    let fail = |file: Option<&str>| {
+        let mut r = building();
+        if let Some(f) = file {
+            let build_id = r.bid();
+            r.step(Event::LogRead {
+                build_id,
+                news: LogNews {
+                    file: Some(f.into()),
+                    ..LogNews::default()
+                },
+            });
+        }
+        r.go(|r| Event::BuildExited {
+            build_id: r.bid(),
+            exit: Exit::Code(1),
+            group_alive: false,
+        });
+        r.last_build().fail_reason.unwrap()
+    };
+    let none = fail(None);
+    assert!(
+        none.contains("/w/log/console.log if the SDK made no log"),
+        "{none}"
+    );
+    let some = fail(Some("/w/log/log.appsdk_3"));
+    assert!(!some.contains("console.log"), "{some}");
+    assert!(some.ends_with("see /w/log/log.appsdk"), "{some}");
 }
