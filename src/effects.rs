@@ -214,6 +214,13 @@ impl Processes {
         cgroup: Option<&crate::cgroup::BuildCgroup>,
     ) -> Result<(i32, ProcessId, LogWatch), String> {
         let (dir, console, log_dir) = prepare(sdk, &req.workdir, "console.log", true, "deploy")?;
+        // The SDK names its log for the second it opens it, and appends to
+        // a file of that name: an SDK started in the second of the last
+        // one's log would write into that build's file, whose last lines
+        // (an error, latd's end line) build-image's `tail -f` shows first.
+        // So appsdk starts once that second is past (at most 2 s: a name
+        // from the future is a client's, or a clock that went back).
+        let wait_ms = pause_before_sdk(&log_dir);
         let log = LogWatch::new(log_dir, req.workdir.join("log"));
         let sub = match req.kind {
             BuildKind::Genimage => "genimage",
@@ -233,10 +240,18 @@ impl Processes {
                     .arg(hack);
             }
             _ => {
-                cmd.args(["-c", ". \"$0\" && exec appsdk --log-dir log \"$1\" \"$2\""])
-                    .arg(&sdk.env_script)
-                    .arg(sub)
-                    .arg(&req.yaml_file);
+                cmd.args([
+                    "-c",
+                    "if [ \"$3\" != 0 ]; then sleep \"$3\"; fi; . \"$0\" && exec appsdk --log-dir log \"$1\" \"$2\"",
+                ])
+                .arg(&sdk.env_script)
+                .arg(sub)
+                .arg(&req.yaml_file)
+                .arg(if wait_ms == 0 {
+                    "0".to_string()
+                } else {
+                    format!("{}.{:03}", wait_ms / 1000, wait_ms % 1000)
+                });
             }
         }
         configure(&mut cmd, &dir, console, sdk, &format!("build-{build_id}"))
@@ -532,6 +547,24 @@ pub fn release_mounts(build_id: u64, snapshot: &mounts::Snapshot, root: &Path) {
     }
     for (p, e) in failed {
         log::error!("build {build_id}: cannot unmount {}: {e}", p.display());
+    }
+}
+
+/// How long to wait before starting the SDK so that it does not open the
+/// `log.appsdk_<secs>` of an earlier build in `log_dir` (ms; 0 if none is
+/// of this second). At most 2 s.
+fn pause_before_sdk(log_dir: &fs::File) -> u64 {
+    let newest = crate::fsutil::dir_entries(log_dir)
+        .iter()
+        .filter_map(|n| n.strip_prefix("log.appsdk_")?.parse::<u64>().ok())
+        .max();
+    let now = crate::clock::wall_now();
+    match newest {
+        Some(secs) if secs.saturating_add(1).saturating_mul(1000) > now => {
+            let until = secs.saturating_add(1).saturating_mul(1000) + 20;
+            until.saturating_sub(now).min(2000)
+        }
+        _ => 0,
     }
 }
 

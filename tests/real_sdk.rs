@@ -532,3 +532,38 @@ fn a_restart_in_a_new_container_unmounts_nothing_it_started_with() {
         "the restarted latd unmounted a mount its container started with:\n{seen}"
     );
 }
+
+#[test]
+fn a_build_right_after_another_does_not_log_into_its_file() {
+    let env = TestEnv::new("same-second");
+    let _d = env.daemon();
+    // Both SDKs would open their log within one second: the real SDK
+    // would append to the earlier build's log.appsdk_<secs>, and
+    // build-image's `tail -f`, which starts with the file's last lines,
+    // would read that build's error as this one's.
+    let first = env.yaml(
+        "first.yaml",
+        "standin_start: 0\nstandin_duration: 0\nstandin_result: fail\nstandin_children: 0\nstandin_mounts: false\nstandin_agent: false",
+    );
+    let second = env.yaml("second.yaml", "standin_start: 0\nstandin_duration: 0.5");
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(1050 - u64::from(now.subsec_millis())));
+    let o = env.latc(&["build", "--file", first.to_str().unwrap(), "--wait"]);
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    let o = env.latc(&["build", "--file", second.to_str().unwrap(), "--wait"]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let o = env.latc(&["history", "--json"]);
+    let h: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let logs: Vec<String> = h
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| b["sdk_log"].as_str().unwrap_or_default().to_string())
+        .collect();
+    assert_eq!(logs.len(), 2, "{h}");
+    assert_ne!(logs[0], logs[1], "both builds logged to one file");
+    let text = fs::read_to_string(&logs[1]).unwrap();
+    assert!(!text.contains("ERROR: "), "{text}");
+}
