@@ -43,6 +43,10 @@
 //! assert_eq!(m.status(12).lat_status, "busy");
 //! ```
 
+// The architecture invariant, as a lint: clippy.toml lists the clocks,
+// file and process APIs this module may not use.
+#![deny(clippy::disallowed_methods, clippy::disallowed_types)]
+
 use crate::protocol::{Action, Reply, StatusDoc};
 use serde::{Deserialize, Serialize};
 use std::collections::VecDeque;
