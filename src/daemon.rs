@@ -441,6 +441,7 @@ pub fn run(settings: Settings) -> Result<(), String> {
             hack_cmd: settings
                 .allow_hack_cmd
                 .then(|| settings.workspace.join("hack/lat-genimage-cmd")),
+            private_dir: effects::private_dir(&tag),
             tag,
             root: root.clone(),
         },

@@ -29,6 +29,88 @@ pub struct SdkConfig {
     /// The canonical workspace root: workdirs are opened beneath it
     /// without following symlinks.
     pub root: PathBuf,
+    /// latd's own directory (mode 0700) for the private copies of image
+    /// YAMLs the SDK is given; `None` if it could not be made.
+    pub private_dir: Option<PathBuf>,
+}
+
+/// Makes (or takes up again) latd's private directory for the copies of
+/// image YAMLs, `latd-<uid>-<channel mark>` in the temporary directory: a
+/// directory of this user's, mode 0700, not a symlink. `None` if that
+/// cannot be had (then the SDK gets the client's path, with a warning).
+pub fn private_dir(tag: &str) -> Option<PathBuf> {
+    use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
+    let name: String = tag
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
+        .collect();
+    let dir = std::env::temp_dir().join(format!("latd-{}-{name}", crate::fsutil::euid()));
+    let _ = fs::DirBuilder::new().mode(0o700).create(&dir);
+    match fs::symlink_metadata(&dir) {
+        Ok(md)
+            if md.is_dir()
+                && md.uid() == crate::fsutil::euid()
+                && md.permissions().mode() & 0o077 == 0 =>
+        {
+            Some(dir)
+        }
+        _ => {
+            log::warn!(
+                "cannot use {} as latd's private directory (not a 0700 directory of ours): the SDK will read image YAMLs where clients put them",
+                dir.display()
+            );
+            None
+        }
+    }
+}
+
+/// What the SDK is given as the image YAML: a private copy, made from the
+/// file reached beneath the workspace root without following a symlink
+/// (the path latd checked), so a client who swaps the file or a directory
+/// on its path for a symlink after the check cannot make root read
+/// another file. Without a private directory, the checked path itself.
+fn yaml_for_sdk(sdk: &SdkConfig, build_id: u64, yaml: &Path) -> Result<PathBuf, String> {
+    use std::io::{Read, Write};
+    use std::os::unix::fs::OpenOptionsExt;
+    let Some(private) = &sdk.private_dir else {
+        return Ok(yaml.to_path_buf());
+    };
+    let swapped = |e: io::Error| {
+        format!(
+            "the image YAML {} cannot be read as it was checked ({e}); was it replaced by a symlink?",
+            yaml.display()
+        )
+    };
+    let (Some(parent), Some(name)) = (yaml.parent(), yaml.file_name()) else {
+        return Err(format!("{} is not a file path", yaml.display()));
+    };
+    let dir = crate::fsutil::open_dir_beneath(&sdk.root, parent).map_err(swapped)?;
+    let f = crate::fsutil::open_regular_at(&dir, name).map_err(swapped)?;
+    let cap = crate::protocol::MAX_MESSAGE_BYTES;
+    let mut bytes = Vec::new();
+    f.take(cap + 1).read_to_end(&mut bytes).map_err(swapped)?;
+    if bytes.len() as u64 > cap {
+        return Err(format!(
+            "the image YAML {} grew past 1 MiB after it was checked",
+            yaml.display()
+        ));
+    }
+    // One copy at a time: the last build's goes now.
+    for e in fs::read_dir(private).into_iter().flatten().flatten() {
+        if e.file_name().to_string_lossy().starts_with("build-") {
+            let _ = fs::remove_file(e.path());
+        }
+    }
+    let copy = private.join(format!("build-{build_id}.yaml"));
+    fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(&copy)
+        .and_then(|mut out| out.write_all(&bytes))
+        .map_err(|e| format!("cannot make the private copy {}: {e}", copy.display()))?;
+    Ok(copy)
 }
 
 /// Environment variable that marks the processes latd starts.
@@ -246,7 +328,7 @@ impl Processes {
                 ])
                 .arg(&sdk.env_script)
                 .arg(sub)
-                .arg(&req.yaml_file)
+                .arg(yaml_for_sdk(sdk, build_id, &req.yaml_file)?)
                 .arg(if wait_ms == 0 {
                     "0".to_string()
                 } else {

@@ -556,6 +556,12 @@ pub fn open_log(log: &Path) -> io::Result<(File, std::path::PathBuf)> {
     Ok((f, dir.join(opened)))
 }
 
+/// Opens the regular file `name` in `dir` for reading, never through a
+/// symlink and never blocking on a FIFO.
+pub fn open_regular_at(dir: &File, name: &std::ffi::OsStr) -> io::Result<File> {
+    open_at(dir, name, libc::O_RDONLY | libc::O_NONBLOCK, 0).and_then(regular)
+}
+
 /// The effective user id of this process.
 pub fn euid() -> u32 {
     // SAFETY: geteuid has no preconditions.

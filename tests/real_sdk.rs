@@ -567,3 +567,30 @@ fn a_build_right_after_another_does_not_log_into_its_file() {
     let text = fs::read_to_string(&logs[1]).unwrap();
     assert!(!text.contains("ERROR: "), "{text}");
 }
+
+#[test]
+fn the_sdk_reads_the_image_yaml_latd_checked_not_what_a_client_swaps_in() {
+    let env = TestEnv::new("yamlswap");
+    let _d = env.daemon();
+    // A file the client may not read (root's, mode 0600, outside the
+    // workspace), and the image YAML the client sends.
+    let secret = env.root.join("secret");
+    fs::write(&secret, "TOPSECRET: root's own\n").unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    fs::set_permissions(&secret, fs::Permissions::from_mode(0o600)).unwrap();
+    let yaml = env.yaml("lat.yaml", "standin_start: 1\nstandin_duration: 0.3");
+    let o = env.latc(&["build", "--file", yaml.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    // Checked and started: now the client swaps the YAML for a symlink to
+    // the secret, before the SDK (still starting) reads it.
+    fs::remove_file(&yaml).unwrap();
+    std::os::unix::fs::symlink(&secret, &yaml).unwrap();
+    let o = env.latc(&["wait"]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let log = fs::read_to_string(env.ws.join("log/log.appsdk")).unwrap();
+    assert!(
+        !log.contains("TOPSECRET"),
+        "root read the swapped-in file: {log}"
+    );
+    assert!(log.contains("yaml: machine: intel-x86-64"), "{log}");
+}
