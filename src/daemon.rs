@@ -524,7 +524,7 @@ fn recover(
         b.sdk_log
             .iter()
             .chain(std::iter::once(&b.log_file))
-            .find_map(|p| sdklog::scan_path(p).ok())
+            .find_map(|p| sdklog::scan_path(root, p).ok())
             .unwrap_or_default()
     };
     if let Some(b) = current {

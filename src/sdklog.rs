@@ -207,9 +207,18 @@ impl LogWatch {
 }
 
 /// Reads a whole log for its markers: what a build that ran while latd was
-/// down left. `log` is `<workdir>/log/log.appsdk` or the file it pointed to.
-pub fn scan_path(log: &Path) -> io::Result<LogNews> {
-    let (mut f, opened) = fsutil::open_log(log)?;
+/// down left. `log` is `<workdir>/log/log.appsdk` or the file it pointed to,
+/// below the workspace `root` (the paths come from the state file, which
+/// lies in the channel: a path elsewhere, or through a symlink, is refused).
+pub fn scan_path(root: &Path, log: &Path) -> io::Result<LogNews> {
+    let (Some(dir), Some(name)) = (log.parent(), log.file_name().and_then(|n| n.to_str())) else {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "not a file path",
+        ));
+    };
+    let (mut f, opened) = fsutil::open_log_at(&fsutil::open_dir_beneath(root, dir)?, name)?;
+    let opened = dir.join(opened);
     if f.metadata()?.uid() != fsutil::euid() {
         return Err(io::Error::new(
             io::ErrorKind::PermissionDenied,
@@ -385,7 +394,26 @@ mod tests {
         assert_eq!(w.poll(None), LogNews::default());
         let e = fsutil::open_log(&d.join("log").join(LOG_NAME)).unwrap_err();
         assert!(e.to_string().contains("not to a file beside it"), "{e}");
-        assert!(scan_path(&d.join("log").join(LOG_NAME)).is_err());
+        assert!(scan_path(&d, &d.join("log").join(LOG_NAME)).is_err());
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn a_recovered_log_is_read_only_below_the_workspace() {
+        use std::os::unix::fs::symlink;
+        let d = tempdir("recover");
+        let ws = d.join("ws");
+        std::fs::create_dir_all(ws.join("log")).unwrap();
+        std::fs::create_dir_all(d.join("elsewhere")).unwrap();
+        for dir in [ws.join("log"), d.join("elsewhere")] {
+            std::fs::write(dir.join(LOG_NAME), "appsdk - ERROR: secret line\n").unwrap();
+        }
+        symlink(d.join("elsewhere"), ws.join("linked")).unwrap();
+        let n = scan_path(&ws, &ws.join("log").join(LOG_NAME)).unwrap();
+        assert_eq!(n.error.as_deref(), Some("appsdk - ERROR: secret line"));
+        assert_eq!(n.file, Some(ws.join("log").join(LOG_NAME)));
+        assert!(scan_path(&ws, &d.join("elsewhere").join(LOG_NAME)).is_err());
+        assert!(scan_path(&ws, &ws.join("linked").join(LOG_NAME)).is_err());
         std::fs::remove_dir_all(&d).unwrap();
     }
 
