@@ -1455,6 +1455,11 @@ impl Machine {
         build.finish(now, exit, outcome, reason);
         let build_id = build.id;
         let msg = match build.outcome {
+            // Its SDK ended by itself; what was killed, if anything, was a
+            // helper it left behind.
+            Outcome::Succeeded if exit == Some(Exit::Code(0)) => {
+                format!("build {build_id} had already succeeded and has finished; its result is kept")
+            }
             Outcome::Succeeded if killed => format!(
                 "build {build_id} had logged its success; it did not finish its deploy within the grace period and was killed, so deploy/ may be incomplete"
             ),

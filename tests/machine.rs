@@ -2433,6 +2433,16 @@ fn a_finishing_sdk_that_ends_leaving_helpers_has_them_killed_at_once() {
         "helpers gone",
     );
     assert_eq!(r.last_build().outcome, Outcome::Succeeded);
+    // Its deploy is complete: the stopper is not told otherwise.
+    let msg = fx
+        .iter()
+        .find_map(|e| match e {
+            Effect::Reply { reply, .. } => reply.message.clone(),
+            _ => None,
+        })
+        .unwrap_or_default();
+    assert!(msg.contains("has finished"), "{msg}");
+    assert!(!msg.contains("incomplete"), "{msg}");
 }
 
 #[test]
