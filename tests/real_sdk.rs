@@ -594,3 +594,37 @@ fn the_sdk_reads_the_image_yaml_latd_checked_not_what_a_client_swaps_in() {
     );
     assert!(log.contains("yaml: machine: intel-x86-64"), "{log}");
 }
+
+#[test]
+fn latc_reads_no_log_through_a_symlink_out_of_the_log_directory() {
+    let env = TestEnv::new("latc-logout");
+    let _d = env.daemon();
+    let yaml = env.yaml(
+        "lat.yaml",
+        "standin_duration: 0.2\nstandin_post_success: 0.1",
+    );
+    let o = env.latc(&["build", "--file", yaml.to_str().unwrap(), "--wait"]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    // The workspace's owner points the log somewhere else (latc may run as
+    // root, or as another user, on its behalf).
+    fs::write(env.root.join("secret"), "not for the log\n").unwrap();
+    for e in fs::read_dir(env.ws.join("log")).unwrap().flatten() {
+        if e.file_name().to_string_lossy().starts_with("log.appsdk") {
+            fs::remove_file(e.path()).unwrap();
+        }
+    }
+    std::os::unix::fs::symlink(env.root.join("secret"), env.ws.join("log/log.appsdk")).unwrap();
+    for args in [
+        &["status"][..],
+        &["logs", "--follow"],
+        &["wait", "--follow"],
+    ] {
+        let o = env.latc(args);
+        assert!(
+            !stdout(&o).contains("not for the log") && !stderr(&o).contains("not for the log"),
+            "latc {args:?} read through the symlink: {}{}",
+            stdout(&o),
+            stderr(&o)
+        );
+    }
+}

@@ -685,16 +685,11 @@ fn result_word(o: Outcome) -> &'static str {
     }
 }
 
-/// Opens a log for reading: through the SDK's symlink, never blocking on
-/// a FIFO, only if it is a regular file.
+/// Opens a log for reading: through the SDK's symlink to a file beside it
+/// and no other (as latd: latc may read on the workspace owner's behalf as
+/// another user), never blocking on a FIFO, only if it is a regular file.
 fn open_log(path: &Path) -> Option<std::fs::File> {
-    use std::os::unix::fs::OpenOptionsExt;
-    let f = std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NONBLOCK)
-        .open(path)
-        .ok()?;
-    f.metadata().ok()?.is_file().then_some(f)
+    latd::fsutil::open_log(path).ok().map(|(f, _)| f)
 }
 
 /// A log line fit for one terminal line: no control characters, at most
