@@ -420,8 +420,10 @@ fn next_second() {
 fn logs_of_any_kept_build_and_following_one() {
     let env = TestEnv::new("logsbuild");
     let _d = env.daemon();
+    // Each YAML names itself: the SDK logs what it read of it (latd hands
+    // it a private copy, so the file's own name is not in the log).
     for name in ["first.yaml", "second.yaml"] {
-        let y = env.yaml(name, "standin_duration: 0.3");
+        let y = env.yaml(name, &format!("standin_duration: 0.3\nlabel: {name}"));
         let o = env.latc(&["build", "--file", y.to_str().unwrap(), "--wait"]);
         assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
         next_second();
@@ -440,7 +442,10 @@ fn logs_of_any_kept_build_and_following_one() {
         stderr(&o)
     );
     // A running build, followed by its id until it ends.
-    let y = env.yaml("third.yaml", "standin_duration: 1.5\nstandin_log_lines: 5");
+    let y = env.yaml(
+        "third.yaml",
+        "standin_duration: 1.5\nstandin_log_lines: 5\nlabel: third.yaml",
+    );
     assert!(env
         .latc(&["build", "--file", y.to_str().unwrap()])
         .status
