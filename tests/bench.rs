@@ -283,6 +283,7 @@ fn fmt_value(v: f64, unit: &str) -> String {
         "x" => format!("{v:.3}x"),
         "yes/no" => (if v >= 1.0 { "yes" } else { "no" }).into(),
         "" => format!("{v}"),
+        "RPC/s" => format!("{v:.1} RPC/s"),
         u => format!("{v:.3} {u}"),
     }
 }
@@ -1039,6 +1040,10 @@ fn main() {
     let rested = rest_and_idle(&scale, &mut report, &mut rng);
     report.lap("rest_and_idle");
     main_daemon(&scale, &mut report, &mut rng, rested);
+    if scale.full {
+        nfs_cost(&mut report);
+        report.lap("nfs_cost");
+    }
 
     for r in &report.rows {
         assert!(r.value.is_finite(), "{} is not a number", r.figure);
@@ -1076,6 +1081,78 @@ fn main() {
     if !scale.full {
         println!("bench: smoke ok ({:.1} s)", started.elapsed().as_secs_f64());
     }
+}
+
+/// What latd and its clients cost a real NFS server (RPCs per second the
+/// NFS client sends it), measured in a virtual machine running the kernel
+/// NFS server with two client hosts (`tests/nfs/cost.sh`, about 3 minutes
+/// of plain emulation); beside them the original daemon's polling loop and
+/// the original client. Left out, saying why, where no VM can boot.
+fn nfs_cost(report: &mut Report) {
+    let repo = env!("CARGO_MANIFEST_DIR");
+    let out = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
+        .join(format!("bench-nfs-{}", std::process::id()));
+    let _ = fs::remove_dir_all(&out);
+    let o = Command::new(format!("{repo}/tests/nfs/vm.sh"))
+        .arg(&out)
+        .arg("sh")
+        .arg(format!("{repo}/tests/nfs/cost.sh"))
+        .args([repo, common::LATD, common::LATC])
+        .arg(&out)
+        .arg("10")
+        .env("VM_TIMEOUT", "900")
+        .stdin(Stdio::null())
+        .output()
+        .expect("run tests/nfs/vm.sh");
+    if !o.status.success() {
+        let err = String::from_utf8_lossy(&o.stderr);
+        println!(
+            "bench: NFS figures left out: {}",
+            err.lines()
+                .find_map(|l| l.strip_prefix("cannot boot: "))
+                .map(str::to_string)
+                .unwrap_or_else(|| format!(
+                    "the VM run failed ({:?}): {}",
+                    o.status.code(),
+                    fs::read_to_string(out.join("guest.log")).unwrap_or_default()
+                ))
+        );
+        return;
+    }
+    let text = fs::read_to_string(out.join("cost.txt")).unwrap_or_default();
+    let rows = [
+        ("rest", "NFS RPC/s, latd at rest"),
+        ("build", "NFS RPC/s, latd during a build"),
+        ("status", "NFS RPC/s, latd under latc status once a second"),
+        ("status_b", "NFS RPC/s, that latc status (builder's side)"),
+        (
+            "orig_daemon",
+            "NFS RPC/s, original daemon's loop (stat every 100 ms)",
+        ),
+        (
+            "orig_client",
+            "NFS RPC/s, original latc status back to back (lookupcache=positive)",
+        ),
+    ];
+    let mut ops = serde_json::Map::new();
+    for (key, figure) in rows {
+        let Some(line) = text.lines().find(|l| l.split(' ').next() == Some(key)) else {
+            println!("bench: NFS figure {key} missing from the VM's report");
+            continue;
+        };
+        let mut parts = line.splitn(3, ' ');
+        let _ = parts.next();
+        let Some(v) = parts.next().and_then(|v| v.parse::<f64>().ok()) else {
+            continue;
+        };
+        report.info(figure, v, "RPC/s");
+        ops.insert(
+            key.into(),
+            Value::String(parts.next().unwrap_or("").to_string()),
+        );
+    }
+    report.detail("nfs_busiest_operations", Value::Object(ops));
+    let _ = fs::remove_dir_all(&out);
 }
 
 /// The 1, 5 and 15 minute load averages.
