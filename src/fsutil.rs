@@ -128,17 +128,8 @@ pub fn replace_atomic(
 /// symlink at the last component and without blocking on a FIFO.
 /// Returns the bytes and whether the file was longer than `cap`.
 pub fn read_capped(path: &Path, cap: u64) -> io::Result<(Vec<u8>, bool, fs::Metadata)> {
-    let f = OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
-        .open(path)?;
+    let f = open_regular_read(path)?;
     let md = f.metadata()?;
-    if !md.is_file() {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidInput,
-            "not a regular file",
-        ));
-    }
     let mut buf = Vec::new();
     f.take(cap + 1).read_to_end(&mut buf)?;
     let too_long = buf.len() as u64 > cap;
@@ -605,17 +596,8 @@ pub fn read_capped_checked(
 ) -> io::Result<(Vec<u8>, bool, fs::Metadata, bool)> {
     use std::os::unix::fs::FileExt;
     refresh_attributes(path);
-    let mut f = OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
-        .open(path)?;
+    let mut f = open_regular_read(path)?;
     let md = f.metadata()?;
-    if !md.is_file() {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidInput,
-            "not a regular file",
-        ));
-    }
     let mut buf = Vec::new();
     (&mut f).take(cap + 1).read_to_end(&mut buf)?;
     let mut again = vec![0u8; buf.len() + 1];

@@ -136,6 +136,12 @@ impl Rig {
         self.step(ev)
     }
 
+    /// The driver read `news` in the running build's SDK log.
+    fn log(&mut self, news: LogNews) -> Vec<Effect> {
+        let build_id = self.bid();
+        self.step(Event::LogRead { build_id, news })
+    }
+
     fn ask(&mut self, request: Request) -> (ReqId, Vec<Effect>) {
         let id = self.new_id();
         (id, self.step(Event::Request { id, request }))
@@ -224,6 +230,14 @@ fn spawn_failed(r: &mut Rig) -> Event {
     Event::SpawnFailed {
         build_id: r.bid(),
         reason: "appsdk: not found".into(),
+    }
+}
+/// appsdk failed by itself (exit 1), taking its group with it.
+fn exit1(r: &mut Rig) -> Event {
+    Event::BuildExited {
+        build_id: r.bid(),
+        exit: Exit::Code(1),
+        group_alive: false,
     }
 }
 /// The SDK logged its success line.
@@ -783,12 +797,9 @@ fn a_success_line_read_after_the_stops_sigterm_does_not_make_it_a_success() {
     let waiter = *r.open.iter().next().unwrap();
     // The SDK wrote its success line as the SIGTERM came: its deploy, which
     // comes after that line, was cut short.
-    r.go(|r| Event::LogRead {
-        build_id: r.bid(),
-        news: LogNews {
-            success: true,
-            ..LogNews::default()
-        },
+    r.log(LogNews {
+        success: true,
+        ..LogNews::default()
     });
     let fx = r.go(|r| Event::BuildExited {
         build_id: r.bid(),
@@ -1106,13 +1117,14 @@ fn after_exit_requests_get_a_fail_reply_and_nothing_else_happens() {
     assert!(r.open.is_empty());
 }
 
-#[test]
-fn restart_records_the_interrupted_build_failed() {
-    let running = BuildRecord {
-        id: 7,
+/// The record of build `id`, running since a minute before T0 in /w (what
+/// a daemon that died left in its state file); tests change what differs.
+fn running_record(id: u64) -> BuildRecord {
+    BuildRecord {
+        id,
         workdir: "/w".into(),
         yaml_file: "/w/lat.yaml".into(),
-        kind: BuildKind::Geninitramfs,
+        kind: BuildKind::Genimage,
         log_file: "/w/log/log.appsdk".into(),
         started_at: T0 - 60_000,
         ended_at: None,
@@ -1126,6 +1138,14 @@ fn restart_records_the_interrupted_build_failed() {
         error_line: None,
         mounts_before: None,
         mounts_ns: None,
+    }
+}
+
+#[test]
+fn restart_records_the_interrupted_build_failed() {
+    let running = BuildRecord {
+        kind: BuildKind::Geninitramfs,
+        ..running_record(7)
     };
     let persisted = Persisted {
         next_build_id: 8,
@@ -1167,23 +1187,12 @@ fn restart_records_the_interrupted_build_failed() {
 #[test]
 fn restart_never_reuses_a_build_id_from_history() {
     let old = BuildRecord {
-        id: 41,
-        workdir: "/w".into(),
-        yaml_file: "/w/lat.yaml".into(),
-        kind: BuildKind::Genimage,
-        log_file: "/w/log/log.appsdk".into(),
         started_at: T0,
         ended_at: Some(T0),
         outcome: Outcome::Succeeded,
         exit_code: Some(0),
-        signal: None,
-        fail_reason: None,
         process: None,
-        sdk_log: None,
-        success_logged: false,
-        error_line: None,
-        mounts_before: None,
-        mounts_ns: None,
+        ..running_record(41)
     };
     let persisted = Persisted {
         next_build_id: 0,
@@ -2459,18 +2468,11 @@ fn a_stop_before_the_success_line_terms_at_once() {
 #[test]
 fn an_exit_1_after_the_success_line_fails_saying_so() {
     let mut r = deployed();
-    r.go(|r| Event::LogRead {
-        build_id: r.bid(),
-        news: LogNews {
-            error: Some("appsdk - ERROR: copy failed".into()),
-            ..LogNews::default()
-        },
+    r.log(LogNews {
+        error: Some("appsdk - ERROR: copy failed".into()),
+        ..LogNews::default()
     });
-    r.go(|r| Event::BuildExited {
-        build_id: r.bid(),
-        exit: Exit::Code(1),
-        group_alive: false,
-    });
+    r.go(exit1);
     let b = r.last_build();
     assert_eq!(b.outcome, Outcome::Failed);
     let reason = b.fail_reason.unwrap();
@@ -2485,20 +2487,12 @@ fn an_exit_1_after_the_success_line_fails_saying_so() {
 fn a_failure_quotes_the_first_error_line() {
     let mut r = building();
     for line in ["appsdk - ERROR: first", "appsdk - ERROR: second"] {
-        let build_id = r.bid();
-        r.step(Event::LogRead {
-            build_id,
-            news: LogNews {
-                error: Some(line.into()),
-                ..LogNews::default()
-            },
+        r.log(LogNews {
+            error: Some(line.into()),
+            ..LogNews::default()
         });
     }
-    r.go(|r| Event::BuildExited {
-        build_id: r.bid(),
-        exit: Exit::Code(1),
-        group_alive: false,
-    });
+    r.go(exit1);
     let reason = r.last_build().fail_reason.unwrap();
     assert!(
         reason.contains("code 1: appsdk - ERROR: first; see /w/log/log.appsdk"),
@@ -2541,25 +2535,7 @@ fn logs_of_a_started_build_answer_with_the_path_its_log_will_have() {
 }
 
 fn recovered_build(found: Recovered) -> BuildRecord {
-    let running = BuildRecord {
-        id: 3,
-        workdir: "/w".into(),
-        yaml_file: "/w/lat.yaml".into(),
-        kind: BuildKind::Genimage,
-        log_file: "/w/log/log.appsdk".into(),
-        started_at: T0 - 60_000,
-        ended_at: None,
-        outcome: Outcome::Running,
-        exit_code: None,
-        signal: None,
-        fail_reason: None,
-        process: Some(PROC),
-        sdk_log: None,
-        success_logged: false,
-        error_line: None,
-        mounts_before: None,
-        mounts_ns: None,
-    };
+    let running = running_record(3);
     let persisted = Persisted {
         next_build_id: 4,
         current: Some(running),
@@ -2615,12 +2591,9 @@ fn a_build_that_finished_while_latd_was_down_gets_the_result_its_log_shows() {
 #[test]
 fn a_build_that_ends_without_a_marker_gets_one_in_its_log() {
     let mut r = building();
-    r.go(|r| Event::LogRead {
-        build_id: r.bid(),
-        news: LogNews {
-            file: Some("/w/log/log.appsdk_9".into()),
-            ..LogNews::default()
-        },
+    r.log(LogNews {
+        file: Some("/w/log/log.appsdk_9".into()),
+        ..LogNews::default()
     });
     r.go(stop);
     let fx = r.go(term_exit);
@@ -2652,54 +2625,29 @@ fn a_build_that_ends_without_a_marker_gets_one_in_its_log() {
 
     // A success, or a failure the SDK logged itself, needs nothing added.
     let mut r = deployed();
-    r.go(|r| Event::LogRead {
-        build_id: r.bid(),
-        news: LogNews {
-            file: Some("/w/log/log.appsdk_9".into()),
-            ..LogNews::default()
-        },
+    r.log(LogNews {
+        file: Some("/w/log/log.appsdk_9".into()),
+        ..LogNews::default()
     });
     assert!(!r
         .go(exit0)
         .iter()
         .any(|e| matches!(e, Effect::EndLog { .. })));
     let mut r = building();
-    r.go(|r| Event::LogRead {
-        build_id: r.bid(),
-        news: LogNews {
-            file: Some("/w/log/log.appsdk_9".into()),
-            error: Some("appsdk - ERROR: x".into()),
-            ..LogNews::default()
-        },
+    r.log(LogNews {
+        file: Some("/w/log/log.appsdk_9".into()),
+        error: Some("appsdk - ERROR: x".into()),
+        ..LogNews::default()
     });
-    let fx = r.go(|r| Event::BuildExited {
-        build_id: r.bid(),
-        exit: Exit::Code(1),
-        group_alive: false,
-    });
+    let fx = r.go(exit1);
     assert!(!fx.iter().any(|e| matches!(e, Effect::EndLog { .. })));
 }
 
 #[test]
 fn a_build_interrupted_by_a_restart_gets_its_end_in_its_log_at_start() {
     let running = BuildRecord {
-        id: 3,
-        workdir: "/w".into(),
-        yaml_file: "/w/lat.yaml".into(),
-        kind: BuildKind::Genimage,
-        log_file: "/w/log/log.appsdk".into(),
-        started_at: T0 - 60_000,
-        ended_at: None,
-        outcome: Outcome::Running,
-        exit_code: None,
-        signal: None,
-        fail_reason: None,
-        process: Some(PROC),
         sdk_log: Some("/w/log/log.appsdk_5".into()),
-        success_logged: false,
-        error_line: None,
-        mounts_before: None,
-        mounts_ns: None,
+        ..running_record(3)
     };
     let persisted = Persisted {
         next_build_id: 4,
@@ -2724,12 +2672,9 @@ fn status_says_what_a_build_is_doing_in_words() {
         "{}",
         says(&r)
     );
-    r.go(|r| Event::LogRead {
-        build_id: r.bid(),
-        news: LogNews {
-            file: Some("/w/log/log.appsdk_9".into()),
-            ..LogNews::default()
-        },
+    r.log(LogNews {
+        file: Some("/w/log/log.appsdk_9".into()),
+        ..LogNews::default()
     });
     assert_eq!(r.m.status(r.now).activity, None, "a build simply running");
     r.go(log_success);
@@ -2741,12 +2686,9 @@ fn status_says_what_a_build_is_doing_in_words() {
 #[test]
 fn logs_of_a_running_build_whose_name_was_set_aside_name_the_sdks_file() {
     let mut r = building();
-    r.go(|r| Event::LogRead {
-        build_id: r.bid(),
-        news: LogNews {
-            file: Some("/w/log/log.appsdk_9".into()),
-            ..LogNews::default()
-        },
+    r.log(LogNews {
+        file: Some("/w/log/log.appsdk_9".into()),
+        ..LogNews::default()
     });
     let (id, fx) = r.ask(Request::Logs {
         path: "/w/log/log.appsdk".into(),
@@ -2778,11 +2720,7 @@ fn a_finishing_sdk_cut_short_by_sigterm_keeps_succeed_and_says_so() {
     let waiter = *r.open.iter().next().unwrap();
     r.now += GRACE;
     assert_eq!(signals(&r.go(tick)), vec![(1, Sig::Term)]);
-    let fx = r.go(|r| Event::BuildExited {
-        build_id: r.bid(),
-        exit: Exit::Code(1),
-        group_alive: false,
-    });
+    let fx = r.go(exit1);
     let msg = reply_to(&fx, waiter).message.unwrap();
     assert!(
         msg.contains("stopped before it finished its deploy"),
@@ -2796,20 +2734,12 @@ fn a_failure_points_at_console_log_only_while_the_sdk_has_made_no_log() {
     let fail = |file: Option<&str>| {
         let mut r = building();
         if let Some(f) = file {
-            let build_id = r.bid();
-            r.step(Event::LogRead {
-                build_id,
-                news: LogNews {
-                    file: Some(f.into()),
-                    ..LogNews::default()
-                },
+            r.log(LogNews {
+                file: Some(f.into()),
+                ..LogNews::default()
             });
         }
-        r.go(|r| Event::BuildExited {
-            build_id: r.bid(),
-            exit: Exit::Code(1),
-            group_alive: false,
-        });
+        r.go(exit1);
         r.last_build().fail_reason.unwrap()
     };
     let none = fail(None);
