@@ -151,6 +151,10 @@ fn prepare(
         .map_err(|e| format!("cannot open {}: {e}", workdir.display()))?;
     let log = fsutil::ensure_subdir_at(&dir, "log")
         .map_err(|e| format!("cannot use {}: {e}", workdir.join("log").display()))?;
+    // The log directory is the workspace owner's, even one an older SDK or
+    // daemon made as root: latc, run as that owner, sets an earlier log
+    // aside in it when a build could not be started.
+    fsutil::own_like(&log, &dir);
     fsutil::ensure_subdir_at(&dir, also)
         .map_err(|e| format!("cannot use {}: {e}", workdir.join(also).display()))?;
     if rotate {

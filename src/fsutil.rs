@@ -553,6 +553,17 @@ pub fn open_regular_at(dir: &File, name: &std::ffi::OsStr) -> io::Result<File> {
     open_at(dir, name, libc::O_RDONLY | libc::O_NONBLOCK, 0).and_then(regular)
 }
 
+/// Gives `sub` the owner of `dir` (through the descriptor), when we run as
+/// root and they differ. Best effort, like every ownership here.
+pub fn own_like(sub: &File, dir: &File) {
+    let (Ok(s), Ok(d)) = (sub.metadata(), dir.metadata()) else {
+        return;
+    };
+    if euid() == 0 && (s.uid(), s.gid()) != (d.uid(), d.gid()) {
+        give_away(std::os::unix::fs::fchown(sub, Some(d.uid()), Some(d.gid())));
+    }
+}
+
 /// The effective user id of this process.
 pub fn euid() -> u32 {
     // SAFETY: geteuid has no preconditions.

@@ -628,3 +628,45 @@ fn latc_reads_no_log_through_a_symlink_out_of_the_log_directory() {
         );
     }
 }
+
+#[test]
+fn a_root_owned_log_directory_from_before_is_given_to_the_workspace_owner() {
+    if skip_unless_root("a_root_owned_log_directory_from_before_is_given_to_the_workspace_owner") {
+        return;
+    }
+    use std::os::unix::fs::MetadataExt;
+    use std::os::unix::process::CommandExt;
+    const USER: u32 = 65534;
+    let env = TestEnv::new("oldlogdir");
+    fs::create_dir_all(&env.channel).unwrap();
+    for p in [&env.root, &env.ws, &env.channel] {
+        std::os::unix::fs::chown(p, Some(USER), Some(USER)).unwrap();
+    }
+    // The layout an older daemon or SDK left: log/ made by root.
+    fs::create_dir(env.ws.join("log")).unwrap();
+    let yaml = env.yaml(
+        "lat.yaml",
+        "standin_duration: 0.2\nstandin_post_success: 0.1",
+    );
+    std::os::unix::fs::chown(&yaml, Some(USER), Some(USER)).unwrap();
+    {
+        let d = env.daemon();
+        let o = env.latc(&["build", "--file", yaml.to_str().unwrap(), "--wait"]);
+        assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+        let mut d = d;
+        d.signal(libc::SIGTERM);
+        d.wait_exit(Duration::from_secs(10));
+    }
+    assert_eq!(fs::metadata(env.ws.join("log")).unwrap().uid(), USER);
+    // With latd down, the build user's latc can set the earlier log aside.
+    let o = env
+        .latc_cmd()
+        .args(["build", "--file", yaml.to_str().unwrap()])
+        .uid(USER)
+        .gid(USER)
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(3), "{}", stderr(&o));
+    assert!(stderr(&o).contains("removed the symlink"), "{}", stderr(&o));
+    assert!(!env.ws.join("log/log.appsdk").exists());
+}
