@@ -50,6 +50,40 @@ pub fn write_atomic(
     owner: Option<Owner>,
     sync: bool,
 ) -> io::Result<()> {
+    write_atomic_then(dir, name, data, mode, |f| {
+        if let Some(o) = owner {
+            give_away(std::os::unix::fs::fchown(f, Some(o.uid), Some(o.gid)));
+        }
+        if sync {
+            f.sync_all()?;
+        }
+        Ok(())
+    })
+}
+
+/// [`write_atomic`] for a client's request: returns the file's mtime as
+/// the filesystem stamped it (on NFS the server's clock: reading the
+/// attributes of a written file flushes it first), a time to compare with
+/// other files' on the same filesystem.
+pub fn write_atomic_stamped(
+    dir: &Path,
+    name: &str,
+    data: &[u8],
+    mode: u32,
+) -> io::Result<std::time::SystemTime> {
+    write_atomic_then(dir, name, data, mode, |f| f.metadata()?.modified())
+}
+
+/// The temporary file written with `data` and given `mode`, then `last`
+/// run on it before it is closed and renamed into place; removed if any
+/// step fails.
+fn write_atomic_then<T>(
+    dir: &Path,
+    name: &str,
+    data: &[u8],
+    mode: u32,
+    last: impl FnOnce(&File) -> io::Result<T>,
+) -> io::Result<T> {
     let tmp = dir.join(temp_name(name));
     let result = (|| {
         let mut f = OpenOptions::new()
@@ -60,14 +94,10 @@ pub fn write_atomic(
         f.write_all(data)?;
         // The mode must not depend on the umask of whoever started us.
         f.set_permissions(std::os::unix::fs::PermissionsExt::from_mode(mode))?;
-        if let Some(o) = owner {
-            give_away(std::os::unix::fs::fchown(&f, Some(o.uid), Some(o.gid)));
-        }
-        if sync {
-            f.sync_all()?;
-        }
+        let out = last(&f)?;
         drop(f);
-        fs::rename(&tmp, dir.join(name))
+        fs::rename(&tmp, dir.join(name))?;
+        Ok(out)
     })();
     if result.is_err() {
         let _ = fs::remove_file(&tmp);
@@ -79,35 +109,6 @@ pub fn write_atomic(
 /// While the handle lives, the old file's blocks are not freed: the caller
 /// can drop it after its reply is out, since freeing them may wait on the
 /// disk (a synchronous discard on some mounts).
-/// [`write_atomic`] for a client's request: returns the file's mtime as
-/// the filesystem stamped it (on NFS the server's clock: reading the
-/// attributes of a written file flushes it first), a time to compare with
-/// other files' on the same filesystem.
-pub fn write_atomic_stamped(
-    dir: &Path,
-    name: &str,
-    data: &[u8],
-    mode: u32,
-) -> io::Result<std::time::SystemTime> {
-    let tmp = dir.join(temp_name(name));
-    let result = (|| {
-        let mut f = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(mode)
-            .open(&tmp)?;
-        f.write_all(data)?;
-        let stamp = f.metadata()?.modified()?;
-        drop(f);
-        fs::rename(&tmp, dir.join(name))?;
-        Ok(stamp)
-    })();
-    if result.is_err() {
-        let _ = fs::remove_file(&tmp);
-    }
-    result
-}
-
 pub fn replace_atomic(
     dir: &Path,
     name: &str,
