@@ -622,7 +622,11 @@ impl Daemon {
                 }
             }
         }
-        self.feed(Event::Tick);
+        // The timers the machine armed that are due (it says when, and
+        // the loop sleeps until then).
+        for timer in self.machine.due_timers(self.clock.now()) {
+            self.feed(Event::Timeout(timer));
+        }
         self.channel.retry_pending();
         self.channel.release_replaced();
         self.housekeeping();

@@ -3,16 +3,35 @@
 //! **Architecture invariant:** nothing in this module performs I/O or reads a
 //! clock. Time arrives inside [`Machine::step`]; what must happen comes back
 //! as [`Effect`]s for the driver to perform. Outcomes of effects (a process
-//! started, exited, a clean finished) come back in as [`Event`]s.
+//! started, exited, a clean finished) come back in as [`Event`]s, and so do
+//! the timers the machine asks for ([`Machine::next_timer`]).
 //!
-//! Every transition lives in one place, [`rule`]: a match over
-//! (state kind, event kind) with no wildcard arm. [`Machine::step`] looks the
-//! rule up and runs its handler; the state diagram and the exhaustive table
-//! test walk the same function, so code, diagram and tests cannot drift.
+//! The machine is three regions, each in one state at a time:
+//!
+//! - **build** ([`State`], kinds [`StateKind`]): idle, spawning, running,
+//!   deploying (the SDK logged its success line and finishes its deploy),
+//!   finishing (a stop lets such a build end by itself first), terminating,
+//!   killing, reaping (the SDK has exited and what it left is killed),
+//!   cleaning;
+//! - **getyaml** ([`YamlKind`]): none, or one `appsdk exampleyamls` running;
+//! - **life** ([`Life`]): serving, draining (asked to exit: the build region
+//!   winds down), exited.
+//!
+//! Every transition is declared once, in the three tables below
+//! ([`BUILD_TABLE`], [`YAML_TABLE`], [`LIFE_TABLE`]), by the `transitions!`
+//! macro, which also writes each region's rule function: a match over
+//! (state, event kind) with no wildcard arm, so the compiler proves every
+//! cell is covered exactly once. A row names one target state; where data
+//! decides, the row has a named guard, drawn in the diagram. Events about
+//! a build, job or timer that is no longer current are dropped once,
+//! before any table ([`Machine::is_current`]). The handler a row names
+//! builds the next state's data; `step` checks, in release builds too, that
+//! it is the state the row names.
 //!
 //! Calling rule for the driver: after every `step`, perform all returned
 //! effects in order before the next `step`; feed the outcome of each effect
-//! (e.g. [`Event::Spawned`]) back as the next event.
+//! (e.g. [`Event::Spawned`]) back as the next event; feed
+//! [`Event::Timeout`] when the timer [`Machine::next_timer`] names is due.
 //!
 //! ```
 //! use latd::machine::*;
@@ -41,6 +60,7 @@
 //! assert!(matches!(fx.last(), Some(Effect::Reply { id: ReqId(1), reply })
 //!     if reply.result == ReplyResult::Succeed));
 //! assert_eq!(m.status(12).lat_status, "busy");
+//! assert_eq!(m.state().kind(), StateKind::Running);
 //! ```
 
 // The architecture invariant, as a lint: clippy.toml lists the clocks,
@@ -48,12 +68,10 @@
 #![deny(clippy::disallowed_methods, clippy::disallowed_types)]
 
 use crate::protocol::{Action, Reply, StatusDoc};
+pub use crate::protocol::{BuildKind, BuildRecord, Exit, Millis, Outcome, ProcessId};
 use serde::{Deserialize, Serialize};
 use std::collections::VecDeque;
 use std::path::PathBuf;
-
-/// Milliseconds since the Unix epoch, as handed in by the driver.
-pub type Millis = u64;
 
 /// Opaque handle of a request; the driver knows where to send its reply.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -75,14 +93,6 @@ pub struct Config {
     pub pid: u32,
     pub version: String,
     pub started_at: Millis,
-}
-
-/// Which SDK command a build runs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum BuildKind {
-    Genimage,
-    Geninitramfs,
 }
 
 /// A build request whose paths the driver has already checked.
@@ -126,14 +136,6 @@ impl Request {
     }
 }
 
-/// How a process ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Exit {
-    Code(i32),
-    Signal(i32),
-}
-
 /// What the driver read in the SDK's log since it last looked (only from
 /// the file the SDK itself created, held open from when it appeared).
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -154,98 +156,6 @@ pub struct Recovered {
     pub killed: usize,
     /// What its log shows, if it could be read.
     pub log: LogNews,
-}
-
-/// Identity of a started build process, kept so that a restarted daemon can
-/// tell the old build's process group from an unrelated process.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ProcessId {
-    pub pid: u32,
-    /// Start time from /proc/<pid>/stat (clock ticks since boot).
-    pub start_ticks: u64,
-}
-
-/// What became of a build.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Outcome {
-    Running,
-    Succeeded,
-    Failed,
-    Stopped,
-}
-
-/// One build, as status and history report it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct BuildRecord {
-    pub id: u64,
-    pub workdir: PathBuf,
-    pub yaml_file: PathBuf,
-    pub kind: BuildKind,
-    pub log_file: PathBuf,
-    pub started_at: Millis,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub ended_at: Option<Millis>,
-    pub outcome: Outcome,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub exit_code: Option<i32>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub signal: Option<i32>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub fail_reason: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub process: Option<ProcessId>,
-    /// The file the SDK logs to (`log.appsdk` is a symlink to it), once it
-    /// has appeared.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub sdk_log: Option<PathBuf>,
-    /// The SDK logged its success line: the image is built and it is
-    /// finishing its deploy.
-    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
-    pub success_logged: bool,
-    /// The first line of the SDK's log that reports an error.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub error_line: Option<String>,
-    /// The mounts under the workdir before the build started (mount ids):
-    /// the build's are the others. `None` until the build has started.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub mounts_before: Option<Vec<u64>>,
-    /// The mount namespace those ids belong to (see
-    /// [`crate::mounts::namespace`]): ids mean nothing in another one.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub mounts_ns: Option<String>,
-}
-
-impl BuildRecord {
-    /// `build_status:` of the original protocol.
-    pub fn build_status(&self) -> &'static str {
-        match self.outcome {
-            Outcome::Running => "running",
-            Outcome::Succeeded => "succeed",
-            Outcome::Failed | Outcome::Stopped => "fail",
-        }
-    }
-
-    pub fn duration_ms(&self, now: Millis) -> u64 {
-        self.ended_at.unwrap_or(now).saturating_sub(self.started_at)
-    }
-
-    fn finish(
-        &mut self,
-        now: Millis,
-        exit: Option<Exit>,
-        outcome: Outcome,
-        reason: Option<String>,
-    ) {
-        self.ended_at = Some(now);
-        self.outcome = outcome;
-        match exit {
-            Some(Exit::Code(c)) => self.exit_code = Some(c),
-            Some(Exit::Signal(s)) => self.signal = Some(s),
-            None => {}
-        }
-        self.fail_reason = reason;
-    }
 }
 
 /// What survives a daemon restart.
@@ -332,11 +242,14 @@ pub enum Event {
     },
     /// What the build's SDK log showed since the last look (reported
     /// before the build's exit, and once more with what it logged last).
+    /// News with the success line is the event [`EventKind::SuccessLine`].
     LogRead {
         build_id: u64,
         news: LogNews,
     },
-    /// The build's leader was reaped; `group_alive` if others remain.
+    /// The build's leader was reaped; `group_alive` if others of its group
+    /// remain. The machine sees two events: [`EventKind::LeaderExited`]
+    /// (others remain) and [`EventKind::BuildExited`] (nothing remains).
     BuildExited {
         build_id: u64,
         exit: Exit,
@@ -354,38 +267,80 @@ pub enum Event {
         job: JobId,
         result: Result<PathBuf, String>,
     },
-    /// Time passed; deadlines are checked.
-    Tick,
+    /// A timer the machine asked for is due (see [`Machine::next_timer`]).
+    Timeout(Timer),
     /// The daemon was asked to exit (SIGTERM, SIGINT).
     Shutdown,
 }
 
+// ===========================================================================
+// Timers
+// ===========================================================================
+
+/// The machine's timers. A state arms the ones it needs; leaving it
+/// disarms them. [`Machine::next_timer`] says which is due next; the driver
+/// feeds [`Event::Timeout`] when it is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum StateKind {
-    Idle,
-    Building,
-    Stopping,
-    Cleaning,
+pub enum Timer {
+    /// The grace period of a stop: a finishing build gets SIGTERM at its
+    /// end, a terminating one SIGKILL (states finishing, terminating).
+    Grace,
+    /// After SIGKILL, how long to wait for the build's processes before
+    /// the stop ends anyway (states killing, reaping).
+    KillWait,
+    /// How long `appsdk exampleyamls` may run (region getyaml).
+    Getyaml,
 }
 
-impl StateKind {
-    pub const ALL: [StateKind; 4] = [
-        StateKind::Idle,
-        StateKind::Building,
-        StateKind::Stopping,
-        StateKind::Cleaning,
-    ];
+impl Timer {
+    pub const ALL: [Timer; 3] = [Timer::Grace, Timer::KillWait, Timer::Getyaml];
+}
 
-    pub fn name(self) -> &'static str {
-        match self {
-            StateKind::Idle => "idle",
-            StateKind::Building => "building",
-            StateKind::Stopping => "stopping",
-            StateKind::Cleaning => "cleaning",
+/// The armed timers: when each is due.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+struct Timers {
+    grace: Option<Millis>,
+    kill_wait: Option<Millis>,
+    getyaml: Option<Millis>,
+}
+
+impl Timers {
+    fn slot(&mut self, t: Timer) -> &mut Option<Millis> {
+        match t {
+            Timer::Grace => &mut self.grace,
+            Timer::KillWait => &mut self.kill_wait,
+            Timer::Getyaml => &mut self.getyaml,
         }
+    }
+
+    fn get(&self, t: Timer) -> Option<Millis> {
+        match t {
+            Timer::Grace => self.grace,
+            Timer::KillWait => self.kill_wait,
+            Timer::Getyaml => self.getyaml,
+        }
+    }
+
+    fn arm(&mut self, t: Timer, at: Millis) {
+        *self.slot(t) = Some(at);
     }
 }
 
+/// How long `appsdk exampleyamls` may take before it is killed.
+pub const GETYAML_TIMEOUT_MS: Millis = 120_000;
+
+/// After SIGKILL, how long to wait for the build's processes to go
+/// before the stop is finished anyway.
+pub const KILL_WAIT_MS: Millis = 10_000;
+
+// ===========================================================================
+// Event kinds, guards and the tables
+// ===========================================================================
+
+/// What the tables are keyed on: an event's kind, where data that decides
+/// a transition makes a kind of its own (a log read with the success line,
+/// a leader that exits with or without others of its group left, which
+/// timer is due), and the two events the machine raises itself.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum EventKind {
     Build,
@@ -397,17 +352,33 @@ pub enum EventKind {
     Invalid,
     Spawned,
     SpawnFailed,
+    /// The SDK's log showed its file or an error line, not the success line.
     LogRead,
+    /// The SDK's log showed the success line.
+    SuccessLine,
+    /// The build's leader exited; others of its group are left.
+    LeaderExited,
+    /// The build's leader exited and nothing of its group is left.
     BuildExited,
+    /// What the leader left is gone too.
     GroupGone,
     CleanDone,
     YamlDone,
-    Tick,
+    /// [`Timer::Grace`] is due.
+    GraceOver,
+    /// [`Timer::KillWait`] is due.
+    KillWaitOver,
+    /// [`Timer::Getyaml`] is due.
+    GetyamlOverdue,
     Shutdown,
+    /// Raised by the machine: draining, the build region has come to rest.
+    Drained,
+    /// Raised by the machine: the daemon exits now.
+    Exiting,
 }
 
 impl EventKind {
-    pub const ALL: [EventKind; 16] = [
+    pub const ALL: [EventKind; 22] = [
         EventKind::Build,
         EventKind::Status,
         EventKind::Stop,
@@ -418,12 +389,18 @@ impl EventKind {
         EventKind::Spawned,
         EventKind::SpawnFailed,
         EventKind::LogRead,
+        EventKind::SuccessLine,
+        EventKind::LeaderExited,
         EventKind::BuildExited,
         EventKind::GroupGone,
         EventKind::CleanDone,
         EventKind::YamlDone,
-        EventKind::Tick,
+        EventKind::GraceOver,
+        EventKind::KillWaitOver,
+        EventKind::GetyamlOverdue,
         EventKind::Shutdown,
+        EventKind::Drained,
+        EventKind::Exiting,
     ];
 
     pub fn name(self) -> &'static str {
@@ -438,13 +415,33 @@ impl EventKind {
             EventKind::Spawned => "spawned",
             EventKind::SpawnFailed => "spawn-failed",
             EventKind::LogRead => "log-read",
+            EventKind::SuccessLine => "success-line",
+            EventKind::LeaderExited => "leader-exited",
             EventKind::BuildExited => "build-exited",
             EventKind::GroupGone => "group-gone",
             EventKind::CleanDone => "clean-done",
             EventKind::YamlDone => "yaml-done",
-            EventKind::Tick => "tick",
+            EventKind::GraceOver => "grace-over",
+            EventKind::KillWaitOver => "kill-wait-over",
+            EventKind::GetyamlOverdue => "getyaml-overdue",
             EventKind::Shutdown => "shutdown",
+            EventKind::Drained => "drained",
+            EventKind::Exiting => "exiting",
         }
+    }
+
+    /// A request from a client (every one gets exactly one reply).
+    pub fn is_request(self) -> bool {
+        matches!(
+            self,
+            EventKind::Build
+                | EventKind::Status
+                | EventKind::Stop
+                | EventKind::Logs
+                | EventKind::Clean
+                | EventKind::GetYaml
+                | EventKind::Invalid
+        )
     }
 }
 
@@ -462,224 +459,501 @@ impl Event {
             Event::Invalid { .. } => EventKind::Invalid,
             Event::Spawned { .. } => EventKind::Spawned,
             Event::SpawnFailed { .. } => EventKind::SpawnFailed,
+            Event::LogRead { news, .. } if news.success => EventKind::SuccessLine,
             Event::LogRead { .. } => EventKind::LogRead,
+            Event::BuildExited {
+                group_alive: true, ..
+            } => EventKind::LeaderExited,
             Event::BuildExited { .. } => EventKind::BuildExited,
             Event::GroupGone { .. } => EventKind::GroupGone,
             Event::CleanDone { .. } => EventKind::CleanDone,
             Event::YamlDone { .. } => EventKind::YamlDone,
-            Event::Tick => EventKind::Tick,
+            Event::Timeout(Timer::Grace) => EventKind::GraceOver,
+            Event::Timeout(Timer::KillWait) => EventKind::KillWaitOver,
+            Event::Timeout(Timer::Getyaml) => EventKind::GetyamlOverdue,
             Event::Shutdown => EventKind::Shutdown,
         }
     }
 }
 
-/// What a rule does, by name. [`Machine::step`] runs the handler of that
-/// name; the diagram prints it.
+/// A named condition a row may depend on, drawn in the diagram as
+/// `[name]`. Two are about the other region, one about the request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Guard {
+    /// Region getyaml is running `appsdk exampleyamls`.
+    YamlRunning,
+    /// Region build is cleaning.
+    Cleaning,
+    /// The getyaml request is for the workdir getyaml runs in.
+    SameWorkdir,
+}
+
+impl Guard {
+    pub const ALL: [Guard; 3] = [Guard::YamlRunning, Guard::Cleaning, Guard::SameWorkdir];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Guard::YamlRunning => "getyaml running",
+            Guard::Cleaning => "cleaning",
+            Guard::SameWorkdir => "same workdir",
+        }
+    }
+}
+
+/// The guards' values for one event.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Guards {
+    pub yaml_running: bool,
+    pub cleaning: bool,
+    pub same_workdir: bool,
+}
+
+impl Guards {
+    pub fn holds(&self, g: Guard) -> bool {
+        match g {
+            Guard::YamlRunning => self.yaml_running,
+            Guard::Cleaning => self.cleaning,
+            Guard::SameWorkdir => self.same_workdir,
+        }
+    }
+}
+
+/// One row of a region's table: in any of `from`, on any of `on`, if
+/// `guard` holds (or there is none), go to `to` (`None`: stay) doing `does`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Does {
+pub struct Row<S: 'static, D> {
+    pub from: &'static [S],
+    pub on: &'static [EventKind],
+    pub guard: Option<Guard>,
+    pub to: Option<S>,
+    pub does: D,
+}
+
+impl<S: Copy + PartialEq, D: Copy> Row<S, D> {
+    /// The state this row leads to from `from`.
+    pub fn target(&self, from: S) -> S {
+        self.to.unwrap_or(from)
+    }
+}
+
+macro_rules! guard_of {
+    () => {
+        None
+    };
+    ($g:ident) => {
+        Some(Guard::$g)
+    };
+}
+
+macro_rules! target_of {
+    ($S:ident, stay) => {
+        None
+    };
+    ($S:ident, $to:ident) => {
+        Some($S::$to)
+    };
+}
+
+/// Declares a region's table once: the const table (for the diagrams and
+/// the tests) and the rule function (a match with no wildcard arm: the
+/// compiler checks that every (state, event) cell is covered and, with
+/// `unreachable_patterns` denied, covered once). A guarded row is tried
+/// before the unguarded row of the same cell that follows it.
+macro_rules! transitions {
+    (
+        $(#[$doc:meta])*
+        $table:ident, $rule:ident: $S:ident, $D:ident {
+            $( [$($from:ident),+] [$($on:ident),+] $([$guard:ident])? => $to:ident : $does:expr ; )*
+        }
+    ) => {
+        $(#[$doc])*
+        pub const $table: &[Row<$S, $D>] = &[
+            $( Row {
+                from: &[$($S::$from),+],
+                on: &[$(EventKind::$on),+],
+                guard: guard_of!($($guard)?),
+                to: target_of!($S, $to),
+                does: { use $D::*; $does },
+            }, )*
+        ];
+
+        /// The row that takes an event of kind `on` in `state`, given the
+        /// guards' values.
+        pub fn $rule(state: $S, on: EventKind, guards: &Guards) -> Row<$S, $D> {
+            let _ = guards;
+            #[deny(unreachable_patterns)]
+            match (state, on) {
+                $(
+                    ($($S::$from)|+, $(EventKind::$on)|+) $(if guards.holds(Guard::$guard))? => Row {
+                        from: &[$($S::$from),+],
+                        on: &[$(EventKind::$on),+],
+                        guard: guard_of!($($guard)?),
+                        to: target_of!($S, $to),
+                        does: { use $D::*; $does },
+                    },
+                )*
+            }
+        }
+    };
+}
+
+// ---------------------------------------------------------------------------
+// Region build
+// ---------------------------------------------------------------------------
+
+/// The states of region build (see [`State`] for their data).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum StateKind {
+    Idle,
+    Spawning,
+    Running,
+    Deploying,
+    Finishing,
+    Terminating,
+    Killing,
+    Reaping,
+    Cleaning,
+}
+
+impl StateKind {
+    pub const ALL: [StateKind; 9] = [
+        StateKind::Idle,
+        StateKind::Spawning,
+        StateKind::Running,
+        StateKind::Deploying,
+        StateKind::Finishing,
+        StateKind::Terminating,
+        StateKind::Killing,
+        StateKind::Reaping,
+        StateKind::Cleaning,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            StateKind::Idle => "idle",
+            StateKind::Spawning => "spawning",
+            StateKind::Running => "running",
+            StateKind::Deploying => "deploying",
+            StateKind::Finishing => "finishing",
+            StateKind::Terminating => "terminating",
+            StateKind::Killing => "killing",
+            StateKind::Reaping => "reaping",
+            StateKind::Cleaning => "cleaning",
+        }
+    }
+
+    /// The `state:` of the status document, in the four words clients
+    /// have always been shown.
+    pub fn status_name(self) -> &'static str {
+        match self {
+            StateKind::Idle => "idle",
+            StateKind::Spawning | StateKind::Running | StateKind::Deploying => "building",
+            StateKind::Finishing
+            | StateKind::Terminating
+            | StateKind::Killing
+            | StateKind::Reaping => "stopping",
+            StateKind::Cleaning => "cleaning",
+        }
+    }
+}
+
+/// What a row of region build does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BuildDoes {
+    /// Nothing: the event is not this region's, or cannot matter here.
+    Ignore,
+    /// Refuse the request because of what the region is doing.
+    Refuse(&'static str),
+    /// Refuse a clean while getyaml writes into the workdir.
+    RefuseWhileYaml,
+    /// Spawn the build; the reply waits for the spawn's outcome.
+    StartBuild,
+    /// The spawn succeeded: answer the build request.
+    BuildStarted,
+    /// The spawn failed: answer and record the failure.
+    BuildNotStarted,
+    /// Record what the SDK's log showed (its file, its first error line).
+    NoteLog,
+    /// Record the success line: the SDK is deploying.
+    NoteSuccess,
+    /// Answer a stop that has nothing to stop; the last result stays.
+    NothingToStop,
+    /// SIGTERM the build and arm the grace timer; the stop's reply waits
+    /// until every process is gone.
+    Terminate,
+    /// After its success line the SDK is deploying and cleaning up: a
+    /// SIGTERM would cut that short, so it gets the grace period to end by
+    /// itself first.
+    LetFinish,
+    /// The grace period is over: SIGKILL, and arm the kill wait.
+    Kill,
+    /// Another stop while stopping: answered with the first.
+    JoinStop,
+    /// A shutdown while stopping: the daemon exits once the stop ends.
+    ShutdownJoins,
+    /// The build ended by itself: record its result.
+    BuildEnded,
+    /// The leader exited with others of its group left: nothing of the
+    /// build may outlive it, nor run beside the next build. SIGKILL them
+    /// and arm the kill wait.
+    KillLeftovers,
+    /// The leader exited after SIGKILL; its group is still going.
+    NoteExit,
+    /// Nothing of the build is left (or SIGKILL could not end it): record
+    /// the result and answer the stops.
+    EndStop,
+    StartClean,
+    CleanFinished,
+    /// A shutdown interrupts the clean; its requester is told.
+    InterruptClean,
+}
+
+const BUILD_RUNNING: &str = "a build is already running";
+const STOP_RUNNING: &str = "a build is being stopped";
+const CLEAN_RUNNING: &str = "a clean is running";
+
+transitions! {
+    /// Region build: at most one build or clean at a time.
+    BUILD_TABLE, build_rule: StateKind, BuildDoes {
+        // build and clean requests
+        [Idle] [Build] => Spawning: StartBuild;
+        [Idle] [Clean] [YamlRunning] => stay: RefuseWhileYaml;
+        [Idle] [Clean] => Cleaning: StartClean;
+        [Spawning, Running, Deploying] [Build, Clean] => stay: Refuse(BUILD_RUNNING);
+        [Finishing, Terminating, Killing, Reaping] [Build, Clean] => stay: Refuse(STOP_RUNNING);
+        [Cleaning] [Build, Clean] => stay: Refuse(CLEAN_RUNNING);
+
+        // a build's life
+        [Spawning] [Spawned] => Running: BuildStarted;
+        [Spawning] [SpawnFailed] => Idle: BuildNotStarted;
+        [Running] [SuccessLine] => Deploying: NoteSuccess;
+        [Spawning, Running, Deploying, Finishing, Terminating, Killing, Reaping] [LogRead] => stay: NoteLog;
+        [Spawning, Deploying, Finishing, Terminating, Killing, Reaping] [SuccessLine] => stay: NoteLog;
+        [Spawning, Running, Deploying] [BuildExited] => Idle: BuildEnded;
+        [Spawning, Running, Deploying, Finishing, Terminating] [LeaderExited] => Reaping: KillLeftovers;
+
+        // stop (and shutdown, which stops what runs)
+        [Idle, Cleaning] [Stop] => stay: NothingToStop;
+        [Spawning, Running] [Stop, Shutdown] => Terminating: Terminate;
+        [Deploying] [Stop, Shutdown] => Finishing: LetFinish;
+        [Finishing] [GraceOver] => Terminating: Terminate;
+        [Terminating] [GraceOver] => Killing: Kill;
+        [Killing] [LeaderExited] => Reaping: NoteExit;
+        [Finishing, Terminating, Killing] [BuildExited] => Idle: EndStop;
+        [Reaping] [GroupGone] => Idle: EndStop;
+        [Killing, Reaping] [KillWaitOver] => Idle: EndStop;
+        [Finishing, Terminating, Killing, Reaping] [Stop] => stay: JoinStop;
+        [Finishing, Terminating, Killing, Reaping] [Shutdown] => stay: ShutdownJoins;
+
+        // clean
+        [Cleaning] [CleanDone] => Idle: CleanFinished;
+        [Cleaning] [Shutdown] => Idle: InterruptClean;
+        [Idle] [Shutdown] => stay: Ignore;
+
+        // Events about a build, job or timer this state does not have are
+        // stale (dropped before the table); the rest are other regions'.
+        [Idle, Cleaning] [Spawned, SpawnFailed, LogRead, SuccessLine, LeaderExited, BuildExited] => stay: Ignore;
+        [Running, Deploying, Finishing, Terminating, Killing, Reaping] [Spawned, SpawnFailed] => stay: Ignore;
+        [Reaping] [LeaderExited, BuildExited] => stay: Ignore;
+        [Idle, Spawning, Running, Deploying, Finishing, Terminating, Killing, Cleaning] [GroupGone] => stay: Ignore;
+        [Idle, Spawning, Running, Deploying, Finishing, Terminating, Killing, Reaping] [CleanDone] => stay: Ignore;
+        [Idle, Spawning, Running, Deploying, Killing, Reaping, Cleaning] [GraceOver] => stay: Ignore;
+        [Idle, Spawning, Running, Deploying, Finishing, Terminating, Cleaning] [KillWaitOver] => stay: Ignore;
+        [Idle, Spawning, Running, Deploying, Finishing, Terminating, Killing, Reaping, Cleaning]
+            [Status, Logs, Invalid, GetYaml, YamlDone, GetyamlOverdue, Drained, Exiting] => stay: Ignore;
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Region getyaml
+// ---------------------------------------------------------------------------
+
+/// The states of region getyaml.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum YamlKind {
+    /// No `appsdk exampleyamls` runs.
+    Idle,
+    /// One runs; requests for its workdir wait for it.
+    Running,
+}
+
+impl YamlKind {
+    pub const ALL: [YamlKind; 2] = [YamlKind::Idle, YamlKind::Running];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            YamlKind::Idle => "no-getyaml",
+            YamlKind::Running => "getyaml-running",
+        }
+    }
+}
+
+/// What a row of region getyaml does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum YamlDoes {
+    Ignore,
+    /// getyaml writes into the workdir a clean is removing: refused.
+    Refuse(&'static str),
+    StartGetYaml,
+    /// The same workdir: wait with the running one.
+    JoinGetYaml,
+    /// Another workdir: refused until the running one ends.
+    RefuseOtherWorkdir,
+    /// Answer every waiter with the result.
+    YamlFinished,
+    /// It overran its time: cancel it, answer every waiter.
+    CancelGetYaml,
+    /// The daemon exits: answer every waiter.
+    AbandonGetYaml,
+}
+
+transitions! {
+    /// Region getyaml: `appsdk exampleyamls`, beside a build but never
+    /// beside a clean.
+    YAML_TABLE, yaml_rule: YamlKind, YamlDoes {
+        [Idle] [GetYaml] [Cleaning] => stay: Refuse(CLEAN_RUNNING);
+        [Idle] [GetYaml] => Running: StartGetYaml;
+        [Running] [GetYaml] [SameWorkdir] => stay: JoinGetYaml;
+        [Running] [GetYaml] => stay: RefuseOtherWorkdir;
+        [Running] [YamlDone] => Idle: YamlFinished;
+        [Running] [GetyamlOverdue] => Idle: CancelGetYaml;
+        [Running] [Exiting] => Idle: AbandonGetYaml;
+        [Idle] [YamlDone, GetyamlOverdue, Exiting] => stay: Ignore;
+        [Idle, Running] [Build, Status, Stop, Logs, Clean, Invalid, Spawned, SpawnFailed, LogRead,
+            SuccessLine, LeaderExited, BuildExited, GroupGone, CleanDone, GraceOver, KillWaitOver,
+            Shutdown, Drained] => stay: Ignore;
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Region life
+// ---------------------------------------------------------------------------
+
+/// The states of region life: whether the daemon serves, winds down, or
+/// has exited.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Life {
+    Serving,
+    /// Asked to exit: what runs is stopped first.
+    Draining,
+    /// Every request gets "shutting down"; nothing else happens.
+    Exited,
+}
+
+impl Life {
+    pub const ALL: [Life; 3] = [Life::Serving, Life::Draining, Life::Exited];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Life::Serving => "serving",
+            Life::Draining => "draining",
+            Life::Exited => "exited",
+        }
+    }
+}
+
+/// What a row of region life does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LifeDoes {
+    Ignore,
     /// Write status.lat and answer with its path.
     ReplyStatus,
     /// Answer with the log's path, or why there is none.
     ReplyLogs,
     /// Answer `fail` with the reason the request was refused.
     ReplyInvalid,
-    /// Spawn the build; the reply waits for the spawn's outcome.
-    StartBuild,
-    /// Refuse a request because of what the daemon is doing.
-    Refuse(&'static str),
-    /// Answer a stop that has nothing to stop; the last result stays.
-    NothingToStop,
-    /// SIGTERM the build's group, or, once the SDK has logged its success
-    /// line, let it finish by itself first; the reply waits until every
-    /// process is gone.
-    BeginStop,
-    /// Another stop while stopping: wait with the first.
-    JoinStop,
-    StartClean,
-    StartGetYaml,
-    /// Record what the SDK's log showed (its file, its success line, its
-    /// first error).
-    NoteLog,
-    /// The spawn succeeded: answer the build request.
-    BuildStarted,
-    /// The spawn failed: answer and record the failure.
-    BuildNotStarted,
-    /// The build ended by itself: record its result, or, if processes of
-    /// its group remain, SIGKILL them and wait (in Stopping) until they
-    /// are gone, so no new build or clean starts beside them.
-    BuildEnded,
-    /// The stopped build's leader ended: wait for its group.
-    StoppedLeaderExited,
-    /// The stopped build's group is gone: answer the stops.
-    StopFinished,
-    /// At the deadline, the next step of the stop: a build finishing after
-    /// its success line gets SIGTERM, a terminated one SIGKILL; after the
-    /// wait that follows SIGKILL the stop ends even if processes remain.
-    /// (Checks the getyaml deadline too.)
-    StopDeadline,
-    /// A getyaml that overran its time is cancelled and answered.
-    JobDeadline,
-    CleanFinished,
-    YamlFinished,
-    /// Stop the build, then exit.
-    ShutdownAfterStop,
-    /// Remember to exit once the stop completes.
-    ShutdownWhenStopped,
-    /// Exit now.
-    ShutdownNow,
-    /// Nothing to do (stale or irrelevant event).
-    Ignore,
+    /// Nothing yet: region build stops what runs.
+    Drain,
+    /// Everything has wound down: exit.
+    ExitNow,
+    /// After exit, a request is answered "shutting down".
+    RefuseExiting,
 }
 
-/// One cell of the transition table.
+transitions! {
+    /// Region life: requests answered in every state, and the way out.
+    LIFE_TABLE, life_rule: Life, LifeDoes {
+        [Serving, Draining] [Status] => stay: ReplyStatus;
+        [Serving, Draining] [Logs] => stay: ReplyLogs;
+        [Serving, Draining] [Invalid] => stay: ReplyInvalid;
+        [Serving] [Shutdown] => Draining: Drain;
+        [Draining] [Drained] => Exited: ExitNow;
+        [Exited] [Build, Status, Stop, Logs, Clean, GetYaml, Invalid] => stay: RefuseExiting;
+        [Serving, Draining] [Build, Stop, Clean, GetYaml] => stay: Ignore;
+        [Draining, Exited] [Shutdown] => stay: Ignore;
+        [Serving, Exited] [Drained] => stay: Ignore;
+        [Serving, Draining, Exited] [Spawned, SpawnFailed, LogRead, SuccessLine, LeaderExited,
+            BuildExited, GroupGone, CleanDone, YamlDone, GraceOver, KillWaitOver, GetyamlOverdue,
+            Exiting] => stay: Ignore;
+    }
+}
+
+// ===========================================================================
+// State
+// ===========================================================================
+
+/// Why a stop was asked for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Rule {
-    /// The states this rule may lead to (the first is the usual one).
-    pub to: &'static [StateKind],
-    pub does: Does,
+pub enum StopCause {
+    /// A client's `stop`.
+    Request,
+    /// latd was asked to exit.
+    Shutdown,
 }
 
-const fn rule_to(to: &'static [StateKind], does: Does) -> Rule {
-    Rule { to, does }
+/// What a build being stopped (or wound down) carries to its end.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Stop {
+    /// Stop requests, answered when nothing of the build is left.
+    pub waiters: Vec<ReqId>,
+    /// `None`: the build ended by itself and only what it left is killed.
+    pub cause: Option<StopCause>,
+    /// The SDK had logged its success line when the stop began (it was let
+    /// finish rather than terminated).
+    pub after_success: bool,
+    /// The grace period ran out: SIGKILL was sent.
+    pub escalated: bool,
 }
 
-const IDLE: &[StateKind] = &[StateKind::Idle];
-const BUILDING: &[StateKind] = &[StateKind::Building];
-const STOPPING: &[StateKind] = &[StateKind::Stopping];
-const CLEANING: &[StateKind] = &[StateKind::Cleaning];
-
-/// How long `appsdk exampleyamls` may take before it is killed.
-pub const GETYAML_TIMEOUT_MS: Millis = 120_000;
-
-/// After SIGKILL, how long to wait for the build's processes to go
-/// before the stop is finished anyway.
-pub const KILL_WAIT_MS: Millis = 10_000;
-
-const BUILD_RUNNING: &str = "a build is already running";
-const STOP_RUNNING: &str = "a build is being stopped";
-const CLEAN_RUNNING: &str = "a clean is running";
-
-/// The transition table: every (state, event) pair, no wildcard.
-pub fn rule(state: StateKind, event: EventKind) -> Rule {
-    use Does::*;
-    use EventKind as E;
-    use StateKind as S;
-    match (state, event) {
-        // Requests answered the same way in every state.
-        (S::Idle, E::Status) => rule_to(IDLE, ReplyStatus),
-        (S::Building, E::Status) => rule_to(BUILDING, ReplyStatus),
-        (S::Stopping, E::Status) => rule_to(STOPPING, ReplyStatus),
-        (S::Cleaning, E::Status) => rule_to(CLEANING, ReplyStatus),
-        (S::Idle, E::Logs) => rule_to(IDLE, ReplyLogs),
-        (S::Building, E::Logs) => rule_to(BUILDING, ReplyLogs),
-        (S::Stopping, E::Logs) => rule_to(STOPPING, ReplyLogs),
-        (S::Cleaning, E::Logs) => rule_to(CLEANING, ReplyLogs),
-        (S::Idle, E::Invalid) => rule_to(IDLE, ReplyInvalid),
-        (S::Building, E::Invalid) => rule_to(BUILDING, ReplyInvalid),
-        (S::Stopping, E::Invalid) => rule_to(STOPPING, ReplyInvalid),
-        (S::Cleaning, E::Invalid) => rule_to(CLEANING, ReplyInvalid),
-
-        // build
-        (S::Idle, E::Build) => rule_to(BUILDING, StartBuild),
-        (S::Building, E::Build) => rule_to(BUILDING, Refuse(BUILD_RUNNING)),
-        (S::Stopping, E::Build) => rule_to(STOPPING, Refuse(STOP_RUNNING)),
-        (S::Cleaning, E::Build) => rule_to(CLEANING, Refuse(CLEAN_RUNNING)),
-        (S::Building, E::Spawned) => rule_to(BUILDING, BuildStarted),
-        // (The current state is listed too: an outcome about another
-        // build id is stale and changes nothing.)
-        (S::Building, E::SpawnFailed) => {
-            rule_to(&[StateKind::Idle, StateKind::Building], BuildNotStarted)
-        }
-        (S::Building, E::BuildExited) => rule_to(
-            &[StateKind::Idle, StateKind::Stopping, StateKind::Building],
-            BuildEnded,
-        ),
-        (S::Idle | S::Cleaning | S::Stopping, E::Spawned | E::SpawnFailed) => {
-            rule_to(state_slice(state), Ignore)
-        }
-        (S::Idle | S::Cleaning, E::BuildExited) => rule_to(state_slice(state), Ignore),
-        (S::Building, E::LogRead) => rule_to(BUILDING, NoteLog),
-        (S::Stopping, E::LogRead) => rule_to(STOPPING, NoteLog),
-        (S::Idle | S::Cleaning, E::LogRead) => rule_to(state_slice(state), Ignore),
-
-        // stop
-        (S::Idle, E::Stop) => rule_to(IDLE, NothingToStop),
-        (S::Cleaning, E::Stop) => rule_to(CLEANING, NothingToStop),
-        (S::Building, E::Stop) => rule_to(STOPPING, BeginStop),
-        (S::Stopping, E::Stop) => rule_to(STOPPING, JoinStop),
-        (S::Stopping, E::BuildExited) => {
-            rule_to(&[StateKind::Stopping, StateKind::Idle], StoppedLeaderExited)
-        }
-        (S::Stopping, E::GroupGone) => {
-            rule_to(&[StateKind::Idle, StateKind::Stopping], StopFinished)
-        }
-        (S::Stopping, E::Tick) => rule_to(&[StateKind::Stopping, StateKind::Idle], StopDeadline),
-        (S::Idle | S::Building | S::Cleaning, E::GroupGone) => rule_to(state_slice(state), Ignore),
-        (S::Idle | S::Building | S::Cleaning, E::Tick) => rule_to(state_slice(state), JobDeadline),
-
-        // clean
-        (S::Idle, E::Clean) => rule_to(&[StateKind::Cleaning, StateKind::Idle], StartClean),
-        (S::Building, E::Clean) => rule_to(BUILDING, Refuse(BUILD_RUNNING)),
-        (S::Stopping, E::Clean) => rule_to(STOPPING, Refuse(STOP_RUNNING)),
-        (S::Cleaning, E::Clean) => rule_to(CLEANING, Refuse(CLEAN_RUNNING)),
-        (S::Cleaning, E::CleanDone) => {
-            rule_to(&[StateKind::Idle, StateKind::Cleaning], CleanFinished)
-        }
-        (S::Idle | S::Building | S::Stopping, E::CleanDone) => rule_to(state_slice(state), Ignore),
-
-        // getyaml runs beside a build, but not while a clean removes its output
-        (S::Idle, E::GetYaml) => rule_to(IDLE, StartGetYaml),
-        (S::Building, E::GetYaml) => rule_to(BUILDING, StartGetYaml),
-        (S::Stopping, E::GetYaml) => rule_to(STOPPING, StartGetYaml),
-        (S::Cleaning, E::GetYaml) => rule_to(CLEANING, Refuse(CLEAN_RUNNING)),
-        (S::Idle, E::YamlDone) => rule_to(IDLE, YamlFinished),
-        (S::Building, E::YamlDone) => rule_to(BUILDING, YamlFinished),
-        (S::Stopping, E::YamlDone) => rule_to(STOPPING, YamlFinished),
-        (S::Cleaning, E::YamlDone) => rule_to(CLEANING, YamlFinished),
-
-        // shutdown
-        (S::Idle, E::Shutdown) => rule_to(IDLE, ShutdownNow),
-        (S::Cleaning, E::Shutdown) => rule_to(IDLE, ShutdownNow),
-        (S::Building, E::Shutdown) => rule_to(STOPPING, ShutdownAfterStop),
-        (S::Stopping, E::Shutdown) => rule_to(STOPPING, ShutdownWhenStopped),
-    }
-}
-
-fn state_slice(s: StateKind) -> &'static [StateKind] {
-    match s {
-        StateKind::Idle => IDLE,
-        StateKind::Building => BUILDING,
-        StateKind::Stopping => STOPPING,
-        StateKind::Cleaning => CLEANING,
-    }
-}
-
-/// The machine's state, with the data each state needs.
+/// Region build's state, with the data each state needs.
 #[derive(Debug, Clone, PartialEq)]
 pub enum State {
     Idle,
-    Building {
+    /// The spawn was asked for; the build request waits for its outcome.
+    Spawning {
         build: BuildRecord,
-        /// The build request whose reply waits for the spawn's outcome.
-        starting: Option<ReqId>,
+        requester: ReqId,
     },
-    Stopping {
+    /// The SDK runs; it has not logged its success line.
+    Running {
         build: BuildRecord,
-        /// When the next step of the stop is due.
-        deadline: Millis,
-        phase: StopPhase,
-        /// The leader's exit, once reaped.
-        exit: Option<Exit>,
-        /// Stop requests answered when the group is gone.
-        waiters: Vec<ReqId>,
-        /// Whether the daemon exits afterwards.
-        then_exit: bool,
-        /// Whether a stop was asked for (by a client or a shutdown); if
-        /// not, the build ended by itself and only its leftovers are killed.
-        requested: bool,
-        /// The SDK had logged its success line when the stop began (it was
-        /// let finish rather than terminated).
-        after_success: bool,
+    },
+    /// The SDK logged its success line: it is copying its last files and
+    /// cleaning up.
+    Deploying {
+        build: BuildRecord,
+    },
+    /// A stop after the success line: the SDK gets the grace period to end
+    /// by itself.
+    Finishing {
+        build: BuildRecord,
+        stop: Stop,
+    },
+    /// SIGTERM was sent; SIGKILL follows after the grace period.
+    Terminating {
+        build: BuildRecord,
+        stop: Stop,
+    },
+    /// SIGKILL was sent (repeated while anything of the build is left).
+    Killing {
+        build: BuildRecord,
+        stop: Stop,
+    },
+    /// The SDK's leader exited; SIGKILL was sent to what it left.
+    Reaping {
+        build: BuildRecord,
+        stop: Stop,
+        exit: Exit,
     },
     Cleaning {
         job: JobId,
@@ -687,63 +961,92 @@ pub enum State {
     },
 }
 
-/// Where a stop stands.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum StopPhase {
-    /// The SDK logged its success line: it is copying its last files and
-    /// cleaning up; it gets the grace period to end by itself.
-    Finishing,
-    /// SIGTERM was sent; SIGKILL follows after the grace period.
-    Terminating,
-    /// SIGKILL was sent (repeated while anything of the build is left).
-    Killing,
-}
-
-impl StopPhase {
-    /// What status says the daemon is doing.
-    pub fn describe(self) -> &'static str {
-        match self {
-            StopPhase::Finishing => "the SDK logged its success line and is finishing its deploy; waiting for it to exit by itself",
-            StopPhase::Terminating => "SIGTERM sent; waiting for the build's processes to exit",
-            StopPhase::Killing => "SIGKILL sent; waiting for the build's processes to go",
-        }
-    }
-}
-
 impl State {
     pub fn kind(&self) -> StateKind {
         match self {
             State::Idle => StateKind::Idle,
-            State::Building { .. } => StateKind::Building,
-            State::Stopping { .. } => StateKind::Stopping,
+            State::Spawning { .. } => StateKind::Spawning,
+            State::Running { .. } => StateKind::Running,
+            State::Deploying { .. } => StateKind::Deploying,
+            State::Finishing { .. } => StateKind::Finishing,
+            State::Terminating { .. } => StateKind::Terminating,
+            State::Killing { .. } => StateKind::Killing,
+            State::Reaping { .. } => StateKind::Reaping,
             State::Cleaning { .. } => StateKind::Cleaning,
         }
     }
+
+    /// The build this state is about, if any.
+    pub fn build(&self) -> Option<&BuildRecord> {
+        match self {
+            State::Spawning { build, .. }
+            | State::Running { build }
+            | State::Deploying { build }
+            | State::Finishing { build, .. }
+            | State::Terminating { build, .. }
+            | State::Killing { build, .. }
+            | State::Reaping { build, .. } => Some(build),
+            State::Idle | State::Cleaning { .. } => None,
+        }
+    }
+
+    fn build_mut(&mut self) -> Option<&mut BuildRecord> {
+        match self {
+            State::Spawning { build, .. }
+            | State::Running { build }
+            | State::Deploying { build }
+            | State::Finishing { build, .. }
+            | State::Terminating { build, .. }
+            | State::Killing { build, .. }
+            | State::Reaping { build, .. } => Some(build),
+            State::Idle | State::Cleaning { .. } => None,
+        }
+    }
+
+    /// What status says the daemon is doing, where the state's name says
+    /// too little, and which timer says when the next step comes.
+    fn describe(&self) -> Option<(&'static str, Option<Timer>)> {
+        Some(match self {
+            State::Finishing { .. } => ("the SDK logged its success line and is finishing its deploy; waiting for it to exit by itself", Some(Timer::Grace)),
+            State::Terminating { .. } => ("SIGTERM sent; waiting for the build's processes to exit", Some(Timer::Grace)),
+            State::Killing { .. } => ("SIGKILL sent; waiting for the build's processes to go", Some(Timer::KillWait)),
+            State::Reaping { .. } => ("the SDK has exited; SIGKILL sent to the processes it left; waiting for them to go", Some(Timer::KillWait)),
+            State::Deploying { .. } => ("the SDK logged its success line and is finishing its deploy", None),
+            State::Spawning { build, .. } | State::Running { build } if build.sdk_log.is_none() => {
+                ("starting: the SDK has not created its log yet", None)
+            }
+            _ => return None,
+        })
+    }
 }
 
+/// Region getyaml's running job.
 #[derive(Debug, Clone, PartialEq)]
 struct YamlJob {
     job: JobId,
     workdir: PathBuf,
     waiters: Vec<ReqId>,
-    /// When it is cancelled if still running.
-    deadline: Millis,
 }
 
 /// The daemon's logic. See the module docs.
 #[derive(Debug, Clone)]
 pub struct Machine {
     config: Config,
+    /// Region build.
     state: State,
+    /// Region getyaml.
+    getyaml: Option<YamlJob>,
+    /// Region life.
+    life: Life,
+    timers: Timers,
     next_build_id: u64,
     next_job: u64,
     /// Finished builds, newest last; the last one is what status reports
     /// when no build runs.
     history: VecDeque<BuildRecord>,
-    getyaml: Option<YamlJob>,
-    exited: bool,
     /// Set by a handler that changed what [`Machine::persisted`] returns
-    /// without changing the state kind (a state change always persists).
+    /// without changing region build's state (a change of state always
+    /// persists).
     dirty: bool,
     /// See [`Machine::startup_effects`].
     startup: Vec<Effect>,
@@ -778,11 +1081,12 @@ impl Machine {
         let mut m = Machine {
             config,
             state: State::Idle,
+            getyaml: None,
+            life: Life::Serving,
+            timers: Timers::default(),
             next_build_id,
             next_job: 1,
             history,
-            getyaml: None,
-            exited: false,
             dirty: false,
             startup: recovered_end_log,
         };
@@ -796,30 +1100,58 @@ impl Machine {
         std::mem::take(&mut self.startup)
     }
 
+    /// Region build's state.
     pub fn state(&self) -> &State {
         &self.state
     }
 
-    pub fn has_exited(&self) -> bool {
-        self.exited
+    /// Region getyaml's state.
+    pub fn yaml_kind(&self) -> YamlKind {
+        if self.getyaml.is_some() {
+            YamlKind::Running
+        } else {
+            YamlKind::Idle
+        }
     }
 
-    /// When the machine next needs a [`Event::Tick`], if ever.
+    /// Region life's state.
+    pub fn life(&self) -> Life {
+        self.life
+    }
+
+    pub fn has_exited(&self) -> bool {
+        self.life == Life::Exited
+    }
+
+    /// The timer due first, and when, if any is armed.
+    pub fn next_timer(&self) -> Option<(Millis, Timer)> {
+        Timer::ALL
+            .iter()
+            .filter_map(|&t| Some((self.timers.get(t)?, t)))
+            .min()
+    }
+
+    /// When timer `t` is due, if it is armed.
+    pub fn timer(&self, t: Timer) -> Option<Millis> {
+        self.timers.get(t)
+    }
+
+    /// When the machine next needs an [`Event::Timeout`], if ever.
     pub fn poll_timeout(&self) -> Option<Millis> {
-        let stop = match &self.state {
-            State::Stopping { deadline, .. } => Some(*deadline),
-            _ => None,
-        };
-        let job = self.getyaml.as_ref().map(|j| j.deadline);
-        stop.into_iter().chain(job).min()
+        self.next_timer().map(|(at, _)| at)
+    }
+
+    /// The timers due at `now`, to be fed as [`Event::Timeout`].
+    pub fn due_timers(&self, now: Millis) -> Vec<Timer> {
+        Timer::ALL
+            .into_iter()
+            .filter(|&t| self.timers.get(t).is_some_and(|at| now >= at))
+            .collect()
     }
 
     /// The build status reports: the running one, else the last finished.
     pub fn current_build(&self) -> Option<&BuildRecord> {
-        match &self.state {
-            State::Building { build, .. } | State::Stopping { build, .. } => Some(build),
-            State::Idle | State::Cleaning { .. } => self.history.back(),
-        }
+        self.state.build().or(self.history.back())
     }
 
     pub fn history(&self) -> impl Iterator<Item = &BuildRecord> {
@@ -841,7 +1173,7 @@ impl Machine {
                 .as_ref()
                 .map_or("not-started", |b| b.build_status())
                 .into(),
-            state: kind.name().into(),
+            state: kind.status_name().into(),
             activity: self.activity(now),
             build_duration_ms: build.as_ref().map(|b| b.duration_ms(now)),
             build,
@@ -856,146 +1188,273 @@ impl Machine {
     /// What the daemon is doing, in words, where the state name says too
     /// little.
     fn activity(&self, now: Millis) -> Option<String> {
-        match &self.state {
-            State::Stopping {
-                phase, deadline, ..
-            } => Some(format!(
-                "{} (next step in {} s)",
-                phase.describe(),
-                deadline.saturating_sub(now).div_ceil(1000)
-            )),
-            State::Building { build, .. } if build.success_logged => {
-                Some("the SDK logged its success line and is finishing its deploy".to_string())
-            }
-            State::Building { build, .. } if build.sdk_log.is_none() => {
-                Some("starting: the SDK has not created its log yet".to_string())
-            }
-            _ => None,
-        }
+        let (what, timer) = self.state.describe()?;
+        Some(match timer.and_then(|t| self.timers.get(t)) {
+            Some(at) => format!(
+                "{what} (next step in {} s)",
+                at.saturating_sub(now).div_ceil(1000)
+            ),
+            None => what.to_string(),
+        })
     }
 
     /// What must survive a restart.
     pub fn persisted(&self) -> Persisted {
-        let current = match &self.state {
-            State::Building { build, .. } | State::Stopping { build, .. } => Some(build.clone()),
-            _ => None,
-        };
         Persisted {
             next_build_id: self.next_build_id,
-            current,
+            current: self.state.build().cloned(),
             history: self.history.iter().cloned().collect(),
+        }
+    }
+
+    /// The guards' values for `event`.
+    pub fn guards(&self, event: &Event) -> Guards {
+        Guards {
+            yaml_running: self.getyaml.is_some(),
+            cleaning: self.state.kind() == StateKind::Cleaning,
+            same_workdir: match (event, &self.getyaml) {
+                (
+                    Event::Request {
+                        request: Request::GetYaml { workdir },
+                        ..
+                    },
+                    Some(j),
+                ) => j.workdir == *workdir,
+                _ => false,
+            },
+        }
+    }
+
+    /// Whether `event` is about what the machine has now: the live build,
+    /// the running clean or getyaml, an armed timer that is due. Anything
+    /// else is stale (an outcome of something that has ended) and is
+    /// dropped before the tables.
+    pub fn is_current(&self, now: Millis, event: &Event) -> bool {
+        let live = self.state.build().map(|b| b.id);
+        match event {
+            Event::Request { .. } | Event::Invalid { .. } | Event::Shutdown => true,
+            Event::Spawned { build_id, .. }
+            | Event::SpawnFailed { build_id, .. }
+            | Event::LogRead { build_id, .. }
+            | Event::BuildExited { build_id, .. }
+            | Event::GroupGone { build_id } => live == Some(*build_id),
+            Event::CleanDone { job, .. } => {
+                matches!(self.state, State::Cleaning { job: j, .. } if j == *job)
+            }
+            Event::YamlDone { job, .. } => self.getyaml.as_ref().is_some_and(|j| j.job == *job),
+            Event::Timeout(t) => self.timers.get(*t).is_some_and(|at| now >= at),
         }
     }
 
     /// Feeds one event; returns what the driver must do, in order.
     pub fn step(&mut self, now: Millis, event: Event) -> Vec<Effect> {
         let mut fx = Vec::new();
-        if self.exited {
-            // After Exit nothing more happens, but requests still get an answer.
-            if let Some((id, action)) = request_of(&event) {
-                fx.push(Effect::Reply {
-                    id,
-                    reply: Reply::fail(&action, "latd is shutting down"),
-                });
-            }
+        let kind = event.kind();
+        if self.life == Life::Exited {
+            // The other regions have stopped: only life answers.
+            let row = life_rule(self.life, kind, &Guards::default());
+            self.run_life(row.does, now, &event, &mut fx);
             return fx;
         }
-        let from = self.state.kind();
-        let rule = rule(from, event.kind());
+        if !self.is_current(now, &event) {
+            return fx;
+        }
+        let before = self.state.kind();
         self.dirty = false;
-        self.run(rule.does, now, event, &mut fx);
-        let to = self.state.kind();
-        debug_assert!(
-            rule.to.contains(&to),
-            "{from:?} --{:?}--> {to:?} is not in the table",
-            rule.does
+        let guards = self.guards(&event);
+
+        let row = life_rule(self.life, kind, &guards);
+        self.run_life(row.does, now, &event, &mut fx);
+        self.life = row.target(self.life);
+
+        let row = build_rule(before, kind, &guards);
+        let old = std::mem::replace(&mut self.state, State::Idle);
+        self.state = self.run_build(row.does, now, old, &event, &mut fx);
+        let to = row.target(before);
+        assert_eq!(
+            self.state.kind(),
+            to,
+            "{before:?} --{kind:?}--> {:?}: the table says {to:?}",
+            self.state.kind()
         );
-        if to != from || self.dirty {
+        self.disarm_unowned();
+
+        self.step_yaml(kind, now, &event, &guards, &mut fx);
+
+        // Draining and region build has come to rest: exit.
+        if self.life == Life::Draining && self.state.kind() == StateKind::Idle {
+            let row = life_rule(self.life, EventKind::Drained, &guards);
+            self.run_life(row.does, now, &event, &mut fx);
+            self.life = row.target(self.life);
+            if self.life == Life::Exited {
+                self.step_yaml(EventKind::Exiting, now, &event, &guards, &mut fx);
+            }
+        }
+
+        if self.state.kind() != before || self.dirty {
             let persisted = self.persisted();
             // Persist before anything the other side may act on.
             fx.insert(0, Effect::WriteStatus(self.status(now)));
             fx.insert(0, Effect::Persist(persisted));
         }
-        if self.exited {
+        if self.life == Life::Exited {
             fx.push(Effect::Exit);
         }
         fx
     }
 
-    fn run(&mut self, does: Does, now: Millis, event: Event, fx: &mut Vec<Effect>) {
-        match (does, event) {
-            (Does::ReplyStatus, Event::Request { id, .. }) => {
+    fn step_yaml(
+        &mut self,
+        kind: EventKind,
+        now: Millis,
+        event: &Event,
+        guards: &Guards,
+        fx: &mut Vec<Effect>,
+    ) {
+        let from = self.yaml_kind();
+        let row = yaml_rule(from, kind, guards);
+        self.run_yaml(row.does, now, event, fx);
+        let to = row.target(from);
+        assert_eq!(
+            self.yaml_kind(),
+            to,
+            "{from:?} --{kind:?}--> {:?}: the table says {to:?}",
+            self.yaml_kind()
+        );
+        if self.getyaml.is_none() {
+            self.timers.getyaml = None;
+        }
+    }
+
+    /// A state's timers go with it.
+    fn disarm_unowned(&mut self) {
+        let kind = self.state.kind();
+        if !matches!(kind, StateKind::Finishing | StateKind::Terminating) {
+            self.timers.grace = None;
+        }
+        if !matches!(kind, StateKind::Killing | StateKind::Reaping) {
+            self.timers.kill_wait = None;
+        }
+    }
+
+    // -----------------------------------------------------------------------
+    // Region life's handlers
+    // -----------------------------------------------------------------------
+
+    fn run_life(&mut self, does: LifeDoes, now: Millis, event: &Event, fx: &mut Vec<Effect>) {
+        match does {
+            LifeDoes::Ignore | LifeDoes::Drain | LifeDoes::ExitNow => {}
+            LifeDoes::ReplyStatus => {
+                let id = request_id(event);
                 fx.push(Effect::WriteStatus(self.status(now)));
                 let mut reply = Reply::succeed("status");
                 reply.status_file = Some(self.config.status_file.clone());
                 reply.build_id = self.current_build().map(|b| b.id);
                 fx.push(Effect::Reply { id, reply });
             }
-            (
-                Does::ReplyLogs,
-                Event::Request {
+            LifeDoes::ReplyLogs => {
+                let Event::Request {
                     id,
                     request: Request::Logs { path, missing },
-                },
-            ) => {
-                // A build that runs there has that log, or will have it
-                // once its SDK has started (seconds, or minutes).
-                let running_here = match &self.state {
-                    State::Building { build, .. } | State::Stopping { build, .. }
-                        if build.log_file == path =>
-                    {
-                        Some(build.sdk_log.clone())
-                    }
-                    _ => None,
+                } = event
+                else {
+                    table_bug("reply-logs", event)
                 };
-                let reply = match (missing, running_here) {
-                    (None, _) => Reply {
-                        log_file_path: Some(path),
-                        ..Reply::succeed("logs")
-                    },
-                    // The name is gone (a refused build's latc set it
-                    // aside), the file the SDK writes is known.
-                    (Some(_), Some(Some(file))) => Reply {
-                        log_file_path: Some(file),
-                        ..Reply::succeed("logs")
-                    },
-                    (Some(_), Some(None)) => Reply {
-                        log_file_path: Some(path),
-                        message: Some(
-                            "the build has started; its SDK has not created this log yet".into(),
-                        ),
-                        ..Reply::succeed("logs")
-                    },
-                    (Some(reason), None) => Reply::fail("logs", reason),
-                };
-                fx.push(Effect::Reply { id, reply });
-            }
-            (Does::ReplyInvalid, Event::Invalid { id, action, reason }) => {
-                let action = action.unwrap_or_default();
                 fx.push(Effect::Reply {
-                    id,
-                    reply: Reply::fail(&action, reason),
+                    id: *id,
+                    reply: self.logs_reply(path, missing.as_deref()),
                 });
             }
-            (Does::Refuse(why), Event::Request { id, request }) => {
-                let action = request.action();
-                let hint = match (action, self.state.kind()) {
-                    (Action::Build, StateKind::Building) => {
+            LifeDoes::ReplyInvalid => {
+                let Event::Invalid { id, action, reason } = event else {
+                    table_bug("reply-invalid", event)
+                };
+                fx.push(Effect::Reply {
+                    id: *id,
+                    reply: Reply::fail(action.as_deref().unwrap_or_default(), reason.clone()),
+                });
+            }
+            LifeDoes::RefuseExiting => {
+                let (id, action) = request_of(event).unwrap_or_else(|| table_bug("refuse", event));
+                fx.push(Effect::Reply {
+                    id,
+                    reply: Reply::fail(&action, "latd is shutting down"),
+                });
+            }
+        }
+    }
+
+    fn logs_reply(&self, path: &std::path::Path, missing: Option<&str>) -> Reply {
+        // A build that runs there has that log, or will have it once its
+        // SDK has started (seconds, or minutes).
+        let running_here = self
+            .state
+            .build()
+            .filter(|b| b.log_file == path)
+            .map(|b| b.sdk_log.clone());
+        match (missing, running_here) {
+            (None, _) => Reply {
+                log_file_path: Some(path.to_path_buf()),
+                ..Reply::succeed("logs")
+            },
+            // The name is gone (a refused build's latc set it aside), the
+            // file the SDK writes is known.
+            (Some(_), Some(Some(file))) => Reply {
+                log_file_path: Some(file),
+                ..Reply::succeed("logs")
+            },
+            (Some(_), Some(None)) => Reply {
+                log_file_path: Some(path.to_path_buf()),
+                message: Some("the build has started; its SDK has not created this log yet".into()),
+                ..Reply::succeed("logs")
+            },
+            (Some(reason), None) => Reply::fail("logs", reason),
+        }
+    }
+
+    // -----------------------------------------------------------------------
+    // Region build's handlers: each returns the next state
+    // -----------------------------------------------------------------------
+
+    fn run_build(
+        &mut self,
+        does: BuildDoes,
+        now: Millis,
+        old: State,
+        event: &Event,
+        fx: &mut Vec<Effect>,
+    ) -> State {
+        match does {
+            BuildDoes::Ignore => old,
+            BuildDoes::Refuse(why) => {
+                let (id, action) = request_of(event).unwrap_or_else(|| table_bug("refuse", event));
+                let hint = match (action.as_str(), old.kind()) {
+                    ("build", StateKind::Spawning | StateKind::Running | StateKind::Deploying) => {
                         "; wait for it to end ('latc wait') or stop it ('latc stop')"
                     }
                     _ => "; try again when it has ended ('latc status' shows progress)",
                 };
-                let mut reply = Reply::fail(action.as_str(), format!("{why}{hint}"));
-                reply.build_id = self.current_build().map(|b| b.id);
+                let mut reply = Reply::fail(&action, format!("{why}{hint}"));
+                reply.build_id = old.build().or(self.history.back()).map(|b| b.id);
                 fx.push(Effect::Reply { id, reply });
+                old
             }
-            (
-                Does::StartBuild,
-                Event::Request {
+            BuildDoes::RefuseWhileYaml => {
+                let id = request_id(event);
+                fx.push(Effect::Reply {
+                    id,
+                    reply: Reply::fail("clean", "getyaml is running; try again when it has ended"),
+                });
+                old
+            }
+            BuildDoes::StartBuild => {
+                let Event::Request {
                     id,
                     request: Request::Build(request),
-                },
-            ) => {
+                } = event
+                else {
+                    table_bug("start-build", event)
+                };
                 let build_id = self.next_build_id;
                 self.next_build_id += 1;
                 let build = BuildRecord {
@@ -1017,108 +1476,91 @@ impl Machine {
                     mounts_before: None,
                     mounts_ns: None,
                 };
-                self.state = State::Building {
+                fx.push(Effect::Spawn {
+                    build_id,
+                    request: request.clone(),
+                });
+                State::Spawning {
                     build,
-                    starting: Some(id),
+                    requester: *id,
+                }
+            }
+            BuildDoes::BuildStarted => {
+                let (
+                    State::Spawning {
+                        mut build,
+                        requester,
+                    },
+                    Event::Spawned {
+                        process,
+                        mounts_before,
+                        mounts_ns,
+                        ..
+                    },
+                ) = (old, event)
+                else {
+                    table_bug("build-started", event)
                 };
-                fx.push(Effect::Spawn { build_id, request });
+                build.process = Some(*process);
+                build.mounts_before = Some(mounts_before.clone());
+                build.mounts_ns = Some(mounts_ns.clone());
+                let reply = Reply {
+                    log_file_path: Some(build.log_file.clone()),
+                    build_id: Some(build.id),
+                    message: Some(format!("build {} started", build.id)),
+                    ..Reply::succeed("build")
+                };
+                fx.push(Effect::Reply {
+                    id: requester,
+                    reply,
+                });
+                State::Running { build }
             }
-            (
-                Does::BuildStarted,
-                Event::Spawned {
-                    build_id,
-                    process,
-                    mounts_before,
-                    mounts_ns,
-                },
-            ) => {
-                if let State::Building { build, starting } = &mut self.state {
-                    if build.id == build_id {
-                        build.process = Some(process);
-                        build.mounts_before = Some(mounts_before);
-                        build.mounts_ns = Some(mounts_ns);
-                        self.dirty = true;
-                        if let Some(id) = starting.take() {
-                            let reply = Reply {
-                                log_file_path: Some(build.log_file.clone()),
-                                build_id: Some(build_id),
-                                message: Some(format!("build {build_id} started")),
-                                ..Reply::succeed("build")
-                            };
-                            fx.push(Effect::Reply { id, reply });
-                        }
+            BuildDoes::BuildNotStarted => {
+                let (
+                    State::Spawning {
+                        mut build,
+                        requester,
+                    },
+                    Event::SpawnFailed { reason, .. },
+                ) = (old, event)
+                else {
+                    table_bug("build-not-started", event)
+                };
+                let reason = format!("the build could not be started: {reason}");
+                build.finish(now, None, Outcome::Failed, Some(reason.clone()));
+                let mut reply = Reply::fail("build", reason);
+                reply.build_id = Some(build.id);
+                fx.push(Effect::Reply {
+                    id: requester,
+                    reply,
+                });
+                self.finish_build(build)
+            }
+            BuildDoes::NoteLog | BuildDoes::NoteSuccess => {
+                let Event::LogRead { news, .. } = event else {
+                    table_bug("note-log", event)
+                };
+                let mut state = old;
+                if let Some(build) = state.build_mut() {
+                    if let Some(file) = &news.file {
+                        build.sdk_log = Some(file.clone());
+                    }
+                    build.success_logged |= news.success;
+                    if build.error_line.is_none() {
+                        build.error_line = news.error.clone();
                     }
                 }
-            }
-            (Does::BuildNotStarted, Event::SpawnFailed { build_id, reason }) => {
-                if let State::Building { build, starting } = &mut self.state {
-                    if build.id != build_id {
-                        return;
+                self.dirty = true;
+                match (does, state) {
+                    (BuildDoes::NoteSuccess, State::Running { build }) => {
+                        State::Deploying { build }
                     }
-                    let reason = format!("the build could not be started: {reason}");
-                    let mut build = build.clone();
-                    let starting = starting.take();
-                    build.finish(now, None, Outcome::Failed, Some(reason.clone()));
-                    if let Some(id) = starting {
-                        let mut reply = Reply::fail("build", reason);
-                        reply.build_id = Some(build_id);
-                        fx.push(Effect::Reply { id, reply });
-                    }
-                    self.finish_build(build);
+                    (_, state) => state,
                 }
             }
-            (
-                Does::BuildEnded,
-                Event::BuildExited {
-                    build_id,
-                    exit,
-                    group_alive,
-                },
-            ) => {
-                if let State::Building { build, starting } = &mut self.state {
-                    if build.id != build_id {
-                        return;
-                    }
-                    if let Some(id) = starting.take() {
-                        // Only with a driver that breaks the calling rule.
-                        fx.push(Effect::Reply {
-                            id,
-                            reply: Reply::fail(
-                                "build",
-                                "the build exited before it was reported started",
-                            ),
-                        });
-                    }
-                    if group_alive {
-                        // The leader is done; nothing of its group may
-                        // outlive it, nor run beside the next build.
-                        fx.push(Effect::Signal {
-                            build_id,
-                            sig: Sig::Kill,
-                        });
-                        let build = build.clone();
-                        let after_success = build.success_logged;
-                        self.state = State::Stopping {
-                            build,
-                            deadline: now.saturating_add(KILL_WAIT_MS),
-                            phase: StopPhase::Killing,
-                            exit: Some(exit),
-                            waiters: Vec::new(),
-                            then_exit: false,
-                            requested: false,
-                            after_success,
-                        };
-                        return;
-                    }
-                    let mut build = build.clone();
-                    let (outcome, reason) = natural_outcome(exit, &build);
-                    build.finish(now, Some(exit), outcome, reason);
-                    fx.push(Effect::ReleaseMounts { build_id });
-                    fx.extend(end_log(&build));
-                    self.finish_build(build);
-                }
-            }
-            (Does::NothingToStop, Event::Request { id, .. }) => {
+            BuildDoes::NothingToStop => {
+                let id = request_id(event);
                 let msg = match self.history.back() {
                     Some(b) => format!(
                         "no build is running; build {} already ended ({})",
@@ -1131,302 +1573,229 @@ impl Machine {
                     id,
                     reply: Reply::succeed("stop").with_message(msg),
                 });
+                old
             }
-            (Does::BeginStop, Event::Request { id, .. }) => {
-                self.begin_stop(now, vec![id], false, fx);
-            }
-            (Does::ShutdownAfterStop, Event::Shutdown) => {
-                self.begin_stop(now, Vec::new(), true, fx);
-            }
-            (Does::JoinStop, Event::Request { id, .. }) => {
-                if let State::Stopping { waiters, .. } = &mut self.state {
-                    waiters.push(id);
+            BuildDoes::Terminate | BuildDoes::LetFinish => {
+                let (build, stop) = match old {
+                    // Finishing's grace is over: SIGTERM now.
+                    State::Finishing { build, stop } => (build, stop),
+                    other => self.begin_stop(other, event, fx),
+                };
+                self.timers
+                    .arm(Timer::Grace, now.saturating_add(self.config.grace_ms));
+                if does == BuildDoes::LetFinish {
+                    return State::Finishing { build, stop };
                 }
-            }
-            (Does::ShutdownWhenStopped, Event::Shutdown) => {
-                if let State::Stopping {
-                    then_exit,
-                    requested,
-                    exit,
-                    ..
-                } = &mut self.state
-                {
-                    *then_exit = true;
-                    // A build that already ended by itself keeps its result.
-                    *requested |= exit.is_none();
-                }
-            }
-            (
-                Does::StoppedLeaderExited,
-                Event::BuildExited {
-                    build_id,
-                    exit: leader_exit,
-                    group_alive,
-                },
-            ) => {
-                if let State::Stopping {
-                    build,
-                    exit,
-                    phase,
-                    deadline,
-                    ..
-                } = &mut self.state
-                {
-                    if build.id != build_id {
-                        return;
-                    }
-                    *exit = Some(leader_exit);
-                    if !group_alive {
-                        self.end_stop(now, fx);
-                    } else if *phase == StopPhase::Finishing {
-                        // The SDK ended by itself; what it left goes now.
-                        *phase = StopPhase::Killing;
-                        *deadline = now.saturating_add(KILL_WAIT_MS);
-                        fx.push(Effect::Signal {
-                            build_id,
-                            sig: Sig::Kill,
-                        });
-                    }
-                }
-            }
-            (Does::NoteLog, Event::LogRead { build_id, news }) => {
-                if let State::Building { build, .. } | State::Stopping { build, .. } =
-                    &mut self.state
-                {
-                    if build.id != build_id {
-                        return;
-                    }
-                    if let Some(file) = news.file {
-                        build.sdk_log = Some(file);
-                    }
-                    build.success_logged |= news.success;
-                    if build.error_line.is_none() {
-                        build.error_line = news.error;
-                    }
-                    self.dirty = true;
-                }
-            }
-            (Does::StopFinished, Event::GroupGone { build_id }) => {
-                if let State::Stopping { build, exit, .. } = &self.state {
-                    if build.id == build_id && exit.is_some() {
-                        self.end_stop(now, fx);
-                    }
-                }
-            }
-            (Does::JobDeadline, Event::Tick) => self.check_job_deadline(now, fx),
-            (Does::StopDeadline, Event::Tick) => {
-                self.check_job_deadline(now, fx);
-                let grace = self.config.grace_ms;
-                if let State::Stopping {
-                    build,
-                    deadline,
-                    phase,
-                    ..
-                } = &mut self.state
-                {
-                    if now < *deadline {
-                        return;
-                    }
-                    let build_id = build.id;
-                    match *phase {
-                        StopPhase::Finishing => {
-                            *phase = StopPhase::Terminating;
-                            *deadline = now.saturating_add(grace);
-                            fx.push(Effect::Signal {
-                                build_id,
-                                sig: Sig::Term,
-                            });
-                        }
-                        StopPhase::Terminating => {
-                            *phase = StopPhase::Killing;
-                            *deadline = now.saturating_add(KILL_WAIT_MS);
-                            fx.push(Effect::Signal {
-                                build_id,
-                                sig: Sig::Kill,
-                            });
-                        }
-                        // SIGKILL cannot end a process stuck in the kernel
-                        // (a hung mount): stop waiting, say so, go on.
-                        StopPhase::Killing => self.end_stop(now, fx),
-                    }
-                }
-            }
-            (
-                Does::StartClean,
-                Event::Request {
-                    id,
-                    request: Request::Clean { workdir },
-                },
-            ) => {
-                if self.getyaml.is_some() {
-                    fx.push(Effect::Reply {
-                        id,
-                        reply: Reply::fail(
-                            "clean",
-                            "getyaml is running; try again when it has ended",
-                        ),
-                    });
-                    return;
-                }
-                let job = self.new_job();
-                self.state = State::Cleaning { job, requester: id };
-                fx.push(Effect::StartClean { job, workdir });
-            }
-            (Does::CleanFinished, Event::CleanDone { job: done, result }) => {
-                if let State::Cleaning { job, requester } = self.state {
-                    if job != done {
-                        return;
-                    }
-                    let reply = match result {
-                        Ok(()) => Reply::succeed("clean"),
-                        Err(reason) => Reply::fail("clean", reason),
-                    };
-                    self.state = State::Idle;
-                    fx.push(Effect::Reply {
-                        id: requester,
-                        reply,
-                    });
-                }
-            }
-            (
-                Does::StartGetYaml,
-                Event::Request {
-                    id,
-                    request: Request::GetYaml { workdir },
-                },
-            ) => match &mut self.getyaml {
-                Some(j) if j.workdir == workdir => j.waiters.push(id),
-                Some(j) => {
-                    let reason = format!(
-                        "getyaml is running for {}; try again when it has ended",
-                        j.workdir.display()
-                    );
-                    fx.push(Effect::Reply {
-                        id,
-                        reply: Reply::fail("getyaml", reason),
-                    });
-                }
-                None => {
-                    let job = self.new_job();
-                    self.getyaml = Some(YamlJob {
-                        job,
-                        workdir: workdir.clone(),
-                        waiters: vec![id],
-                        deadline: now.saturating_add(GETYAML_TIMEOUT_MS),
-                    });
-                    fx.push(Effect::StartGetYaml { job, workdir });
-                }
-            },
-            (Does::YamlFinished, Event::YamlDone { job, result }) => {
-                if self.getyaml.as_ref().map(|j| j.job) != Some(job) {
-                    return;
-                }
-                let Some(j) = self.getyaml.take() else { return };
-                for id in j.waiters {
-                    let reply = match &result {
-                        Ok(path) => Reply {
-                            yaml_file_path: Some(path.clone()),
-                            ..Reply::succeed("getyaml")
-                        },
-                        Err(reason) => Reply::fail("getyaml", reason.clone()),
-                    };
-                    fx.push(Effect::Reply { id, reply });
-                }
-            }
-            (Does::ShutdownNow, Event::Shutdown) => {
-                if let State::Cleaning { requester, .. } = self.state {
-                    fx.push(Effect::Reply {
-                        id: requester,
-                        reply: Reply::fail(
-                            "clean",
-                            "latd is shutting down; the clean was interrupted, run it again",
-                        ),
-                    });
-                }
-                self.state = State::Idle;
-                self.answer_getyaml_waiters("latd is shutting down", fx);
-                self.exited = true;
-            }
-            (Does::Ignore, _) => {}
-            (does, event) => {
-                // The table paired a handler with an event it does not take:
-                // a bug in `rule`. Answer any request so no client hangs.
-                debug_assert!(false, "{does:?} cannot handle {event:?}");
-                if let Some((id, action)) = request_of(&event) {
-                    fx.push(Effect::Reply {
-                        id,
-                        reply: Reply::fail(&action, "internal error: request not handled"),
-                    });
-                }
-            }
-        }
-    }
-
-    fn new_job(&mut self) -> JobId {
-        let job = JobId(self.next_job);
-        self.next_job += 1;
-        job
-    }
-
-    fn begin_stop(
-        &mut self,
-        now: Millis,
-        waiters: Vec<ReqId>,
-        then_exit: bool,
-        fx: &mut Vec<Effect>,
-    ) {
-        if let State::Building { build, starting } = &mut self.state {
-            let starting = starting.take();
-            let build = build.clone();
-            if let Some(id) = starting {
-                // Cannot happen with a driver that follows the calling rule,
-                // but the build request must still be answered.
-                fx.push(Effect::Reply {
-                    id,
-                    reply: Reply::fail("build", "the build was stopped before it started"),
-                });
-            }
-            // After its success line the SDK is deploying and cleaning
-            // up: a SIGTERM now would cut that short, so it gets the grace
-            // period to end by itself first.
-            let after_success = build.success_logged;
-            let phase = if after_success {
-                StopPhase::Finishing
-            } else {
                 fx.push(Effect::Signal {
                     build_id: build.id,
                     sig: Sig::Term,
                 });
-                StopPhase::Terminating
-            };
-            self.state = State::Stopping {
-                build,
-                deadline: now.saturating_add(self.config.grace_ms),
-                phase,
-                exit: None,
-                waiters,
-                then_exit,
-                requested: true,
-                after_success,
-            };
+                State::Terminating { build, stop }
+            }
+            BuildDoes::Kill => {
+                let State::Terminating { build, mut stop } = old else {
+                    table_bug("kill", event)
+                };
+                stop.escalated = true;
+                fx.push(Effect::Signal {
+                    build_id: build.id,
+                    sig: Sig::Kill,
+                });
+                self.timers
+                    .arm(Timer::KillWait, now.saturating_add(KILL_WAIT_MS));
+                State::Killing { build, stop }
+            }
+            BuildDoes::JoinStop => {
+                let id = request_id(event);
+                let mut state = old;
+                if let Some(stop) = stop_of(&mut state) {
+                    stop.waiters.push(id);
+                }
+                state
+            }
+            BuildDoes::ShutdownJoins => {
+                let mut state = old;
+                if let Some(stop) = stop_of(&mut state) {
+                    // A build that ended by itself keeps its result.
+                    if stop.cause.is_some() {
+                        stop.cause = Some(StopCause::Shutdown);
+                    }
+                }
+                state
+            }
+            BuildDoes::BuildEnded => {
+                let Event::BuildExited { exit, .. } = event else {
+                    table_bug("build-ended", event)
+                };
+                let mut build = self.take_build(old, fx);
+                let (outcome, reason) = natural_outcome(*exit, &build);
+                build.finish(now, Some(*exit), outcome, reason);
+                fx.push(Effect::ReleaseMounts { build_id: build.id });
+                fx.extend(end_log(&build));
+                self.finish_build(build)
+            }
+            BuildDoes::KillLeftovers => {
+                let Event::BuildExited { exit, .. } = event else {
+                    table_bug("kill-leftovers", event)
+                };
+                let stop = match &old {
+                    State::Finishing { stop, .. } | State::Terminating { stop, .. } => stop.clone(),
+                    _ => Stop {
+                        after_success: old.build().is_some_and(|b| b.success_logged),
+                        ..Stop::default()
+                    },
+                };
+                let build = self.take_build(old, fx);
+                fx.push(Effect::Signal {
+                    build_id: build.id,
+                    sig: Sig::Kill,
+                });
+                self.timers
+                    .arm(Timer::KillWait, now.saturating_add(KILL_WAIT_MS));
+                State::Reaping {
+                    build,
+                    stop,
+                    exit: *exit,
+                }
+            }
+            BuildDoes::NoteExit => {
+                let (State::Killing { build, stop }, Event::BuildExited { exit, .. }) =
+                    (old, event)
+                else {
+                    table_bug("note-exit", event)
+                };
+                State::Reaping {
+                    build,
+                    stop,
+                    exit: *exit,
+                }
+            }
+            BuildDoes::EndStop => {
+                let (build, stop, exit) = match (old, event) {
+                    (
+                        State::Finishing { build, stop }
+                        | State::Terminating { build, stop }
+                        | State::Killing { build, stop },
+                        Event::BuildExited { exit, .. },
+                    ) => (build, stop, Some(*exit)),
+                    (State::Reaping { build, stop, exit }, _) => (build, stop, Some(exit)),
+                    // SIGKILL could not end it: stuck in the kernel.
+                    (State::Killing { build, stop }, Event::Timeout(_)) => (build, stop, None),
+                    (_, event) => table_bug("end-stop", event),
+                };
+                self.end_stop(now, build, stop, exit, fx)
+            }
+            BuildDoes::StartClean => {
+                let Event::Request {
+                    id,
+                    request: Request::Clean { workdir },
+                } = event
+                else {
+                    table_bug("start-clean", event)
+                };
+                let job = self.new_job();
+                fx.push(Effect::StartClean {
+                    job,
+                    workdir: workdir.clone(),
+                });
+                State::Cleaning {
+                    job,
+                    requester: *id,
+                }
+            }
+            BuildDoes::CleanFinished => {
+                let (State::Cleaning { requester, .. }, Event::CleanDone { result, .. }) =
+                    (old, event)
+                else {
+                    table_bug("clean-finished", event)
+                };
+                let reply = match result {
+                    Ok(()) => Reply::succeed("clean"),
+                    Err(reason) => Reply::fail("clean", reason.clone()),
+                };
+                fx.push(Effect::Reply {
+                    id: requester,
+                    reply,
+                });
+                State::Idle
+            }
+            BuildDoes::InterruptClean => {
+                let State::Cleaning { requester, .. } = old else {
+                    table_bug("interrupt-clean", event)
+                };
+                fx.push(Effect::Reply {
+                    id: requester,
+                    reply: Reply::fail(
+                        "clean",
+                        "latd is shutting down; the clean was interrupted, run it again",
+                    ),
+                });
+                State::Idle
+            }
         }
     }
 
-    fn end_stop(&mut self, now: Millis, fx: &mut Vec<Effect>) {
-        let State::Stopping {
-            build,
-            exit,
-            waiters,
-            then_exit,
-            phase,
-            requested,
-            after_success,
-            ..
-        } = std::mem::replace(&mut self.state, State::Idle)
-        else {
-            return;
+    /// The build of a live state; a build request still waiting for the
+    /// spawn's outcome (only with a driver that breaks the calling rule)
+    /// is answered.
+    fn take_build(&mut self, old: State, fx: &mut Vec<Effect>) -> BuildRecord {
+        match old {
+            State::Spawning { build, requester } => {
+                fx.push(Effect::Reply {
+                    id: requester,
+                    reply: Reply::fail("build", "the build exited before it was reported started"),
+                });
+                build
+            }
+            State::Running { build }
+            | State::Deploying { build }
+            | State::Finishing { build, .. }
+            | State::Terminating { build, .. }
+            | State::Killing { build, .. }
+            | State::Reaping { build, .. } => build,
+            State::Idle | State::Cleaning { .. } => unreachable!("no build in {old:?}"),
+        }
+    }
+
+    /// A stop or shutdown begins: who asked, and whether the SDK had
+    /// logged its success line.
+    fn begin_stop(
+        &mut self,
+        old: State,
+        event: &Event,
+        fx: &mut Vec<Effect>,
+    ) -> (BuildRecord, Stop) {
+        let (cause, waiters) = match event {
+            Event::Request { id, .. } => (StopCause::Request, vec![*id]),
+            _ => (StopCause::Shutdown, Vec::new()),
         };
-        let mut build = build;
+        let build = match old {
+            State::Spawning { build, requester } => {
+                fx.push(Effect::Reply {
+                    id: requester,
+                    reply: Reply::fail("build", "the build was stopped before it started"),
+                });
+                build
+            }
+            other => self.take_build(other, fx),
+        };
+        let stop = Stop {
+            waiters,
+            cause: Some(cause),
+            after_success: build.success_logged,
+            escalated: false,
+        };
+        (build, stop)
+    }
+
+    fn end_stop(
+        &mut self,
+        now: Millis,
+        mut build: BuildRecord,
+        stop: Stop,
+        exit: Option<Exit>,
+        fx: &mut Vec<Effect>,
+    ) -> State {
         let stuck = if exit.is_none() {
             " (its processes did not end after SIGKILL: stuck in the kernel, e.g. on a hung mount?)"
         } else {
@@ -1436,16 +1805,15 @@ impl Machine {
         // caller stops right after the success line. One that logged it
         // only after the stop began (an SDK that went on despite the
         // SIGTERM) keeps it only if it then finished by itself.
-        let killed = phase == StopPhase::Killing;
-        let kept = after_success || exit == Some(Exit::Code(0));
-        let (outcome, reason) = match exit {
-            _ if requested && build.success_logged && kept => (Outcome::Succeeded, None),
-            Some(e) if !requested => natural_outcome(e, &build),
-            _ => (
+        let kept = stop.after_success || exit == Some(Exit::Code(0));
+        let (outcome, reason) = match (stop.cause, exit) {
+            (Some(_), _) if build.success_logged && kept => (Outcome::Succeeded, None),
+            (None, Some(e)) => natural_outcome(e, &build),
+            (cause, _) => (
                 Outcome::Stopped,
-                Some(if then_exit {
+                Some(if cause == Some(StopCause::Shutdown) {
                     format!("stopped because latd was shut down{stuck}")
-                } else if killed {
+                } else if stop.escalated {
                     format!("stopped by request (killed after the grace period){stuck}")
                 } else {
                     "stopped by request".to_string()
@@ -1460,47 +1828,115 @@ impl Machine {
             Outcome::Succeeded if exit == Some(Exit::Code(0)) => {
                 format!("build {build_id} had already succeeded and has finished; its result is kept")
             }
-            Outcome::Succeeded if killed => format!(
+            Outcome::Succeeded if stop.escalated => format!(
                 "build {build_id} had logged its success; it did not finish its deploy within the grace period and was killed, so deploy/ may be incomplete"
             ),
-            Outcome::Succeeded if exit.is_some_and(|e| e != Exit::Code(0)) => format!(
+            Outcome::Succeeded => format!(
                 "build {build_id} had logged its success; it was stopped before it finished its deploy, so deploy/ may be incomplete"
             ),
-            Outcome::Succeeded => {
-                format!("build {build_id} had already succeeded and has finished; its result is kept")
-            }
             _ => format!("build {build_id} stopped"),
         };
         // Nothing of the build runs any more: what it mounted goes before
         // anyone is told (the deployed caller's chown and rm come next).
         fx.push(Effect::ReleaseMounts { build_id });
         fx.extend(end_log(&build));
-        for id in waiters {
+        for id in stop.waiters {
             let mut reply = Reply::succeed("stop").with_message(msg.clone());
             reply.build_id = Some(build_id);
             fx.push(Effect::Reply { id, reply });
         }
-        self.finish_build(build);
-        if then_exit {
-            self.answer_getyaml_waiters("latd is shutting down", fx);
-            self.exited = true;
-        }
+        self.finish_build(build)
     }
 
-    /// Cancels a getyaml that overran its time, answering its waiters.
-    fn check_job_deadline(&mut self, now: Millis, fx: &mut Vec<Effect>) {
-        if self.getyaml.as_ref().is_some_and(|j| now >= j.deadline) {
-            let job = self.getyaml.as_ref().map(|j| j.job);
-            if let Some(job) = job {
-                fx.push(Effect::CancelJob { job });
+    // -----------------------------------------------------------------------
+    // Region getyaml's handlers
+    // -----------------------------------------------------------------------
+
+    fn run_yaml(&mut self, does: YamlDoes, now: Millis, event: &Event, fx: &mut Vec<Effect>) {
+        match does {
+            YamlDoes::Ignore => {}
+            YamlDoes::Refuse(why) => {
+                let id = request_id(event);
+                fx.push(Effect::Reply {
+                    id,
+                    reply: Reply::fail(
+                        "getyaml",
+                        format!(
+                            "{why}; try again when it has ended ('latc status' shows progress)"
+                        ),
+                    ),
+                });
             }
-            self.answer_getyaml_waiters(
-                &format!(
-                    "appsdk exampleyamls did not finish within {} s and was killed; check the SDK",
-                    GETYAML_TIMEOUT_MS / 1000
-                ),
-                fx,
-            );
+            YamlDoes::StartGetYaml => {
+                let Event::Request {
+                    id,
+                    request: Request::GetYaml { workdir },
+                } = event
+                else {
+                    table_bug("start-getyaml", event)
+                };
+                let job = self.new_job();
+                self.getyaml = Some(YamlJob {
+                    job,
+                    workdir: workdir.clone(),
+                    waiters: vec![*id],
+                });
+                self.timers
+                    .arm(Timer::Getyaml, now.saturating_add(GETYAML_TIMEOUT_MS));
+                fx.push(Effect::StartGetYaml {
+                    job,
+                    workdir: workdir.clone(),
+                });
+            }
+            YamlDoes::JoinGetYaml => {
+                let id = request_id(event);
+                if let Some(j) = &mut self.getyaml {
+                    j.waiters.push(id);
+                }
+            }
+            YamlDoes::RefuseOtherWorkdir => {
+                let id = request_id(event);
+                let running = self
+                    .getyaml
+                    .as_ref()
+                    .map(|j| j.workdir.display().to_string())
+                    .unwrap_or_default();
+                fx.push(Effect::Reply {
+                    id,
+                    reply: Reply::fail(
+                        "getyaml",
+                        format!("getyaml is running for {running}; try again when it has ended"),
+                    ),
+                });
+            }
+            YamlDoes::YamlFinished => {
+                let Event::YamlDone { result, .. } = event else {
+                    table_bug("yaml-finished", event)
+                };
+                for id in self.getyaml.take().map(|j| j.waiters).unwrap_or_default() {
+                    let reply = match result {
+                        Ok(path) => Reply {
+                            yaml_file_path: Some(path.clone()),
+                            ..Reply::succeed("getyaml")
+                        },
+                        Err(reason) => Reply::fail("getyaml", reason.clone()),
+                    };
+                    fx.push(Effect::Reply { id, reply });
+                }
+            }
+            YamlDoes::CancelGetYaml => {
+                if let Some(j) = &self.getyaml {
+                    fx.push(Effect::CancelJob { job: j.job });
+                }
+                self.answer_getyaml_waiters(
+                    &format!(
+                        "appsdk exampleyamls did not finish within {} s and was killed; check the SDK",
+                        GETYAML_TIMEOUT_MS / 1000
+                    ),
+                    fx,
+                );
+            }
+            YamlDoes::AbandonGetYaml => self.answer_getyaml_waiters("latd is shutting down", fx),
         }
     }
 
@@ -1515,10 +1951,16 @@ impl Machine {
         }
     }
 
-    fn finish_build(&mut self, build: BuildRecord) {
+    fn new_job(&mut self) -> JobId {
+        let job = JobId(self.next_job);
+        self.next_job += 1;
+        job
+    }
+
+    fn finish_build(&mut self, build: BuildRecord) -> State {
         self.history.push_back(build);
         self.trim_history();
-        self.state = State::Idle;
+        State::Idle
     }
 
     fn trim_history(&mut self) {
@@ -1526,6 +1968,29 @@ impl Machine {
             self.history.pop_front();
         }
     }
+}
+
+fn stop_of(state: &mut State) -> Option<&mut Stop> {
+    match state {
+        State::Finishing { stop, .. }
+        | State::Terminating { stop, .. }
+        | State::Killing { stop, .. }
+        | State::Reaping { stop, .. } => Some(stop),
+        _ => None,
+    }
+}
+
+/// A row named a handler for an event it cannot take: the tables and the
+/// handlers disagree. Every cell runs in the tests, so this is caught
+/// there; in a release build too it fails loudly rather than guess.
+fn table_bug(handler: &str, event: &Event) -> ! {
+    panic!("the transition table gave {handler} an event it does not take: {event:?}")
+}
+
+fn request_id(event: &Event) -> ReqId {
+    request_of(event)
+        .map(|(id, _)| id)
+        .unwrap_or_else(|| table_bug("a request handler", event))
 }
 
 /// The line latd adds to the SDK's log of a build that ended without its

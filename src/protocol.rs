@@ -320,6 +320,119 @@ impl Reply {
     }
 }
 
+// The wire types of builds: status documents and history carry them.
+
+/// Milliseconds since the Unix epoch, as handed in by the driver.
+pub type Millis = u64;
+
+/// Which SDK command a build runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BuildKind {
+    Genimage,
+    Geninitramfs,
+}
+
+/// How a process ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Exit {
+    Code(i32),
+    Signal(i32),
+}
+
+/// Identity of a started build process, kept so that a restarted daemon can
+/// tell the old build's process group from an unrelated process.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProcessId {
+    pub pid: u32,
+    /// Start time from /proc/<pid>/stat (clock ticks since boot).
+    pub start_ticks: u64,
+}
+
+/// What became of a build.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Outcome {
+    Running,
+    Succeeded,
+    Failed,
+    Stopped,
+}
+
+/// One build, as status and history report it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BuildRecord {
+    pub id: u64,
+    pub workdir: PathBuf,
+    pub yaml_file: PathBuf,
+    pub kind: BuildKind,
+    pub log_file: PathBuf,
+    pub started_at: Millis,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ended_at: Option<Millis>,
+    pub outcome: Outcome,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exit_code: Option<i32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signal: Option<i32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fail_reason: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub process: Option<ProcessId>,
+    /// The file the SDK logs to (`log.appsdk` is a symlink to it), once it
+    /// has appeared.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sdk_log: Option<PathBuf>,
+    /// The SDK logged its success line: the image is built and it is
+    /// finishing its deploy.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub success_logged: bool,
+    /// The first line of the SDK's log that reports an error.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error_line: Option<String>,
+    /// The mounts under the workdir before the build started (mount ids):
+    /// the build's are the others. `None` until the build has started.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mounts_before: Option<Vec<u64>>,
+    /// The mount namespace those ids belong to (see
+    /// [`crate::mounts::namespace`]): ids mean nothing in another one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mounts_ns: Option<String>,
+}
+
+impl BuildRecord {
+    /// `build_status:` of the original protocol.
+    pub fn build_status(&self) -> &'static str {
+        match self.outcome {
+            Outcome::Running => "running",
+            Outcome::Succeeded => "succeed",
+            Outcome::Failed | Outcome::Stopped => "fail",
+        }
+    }
+
+    pub fn duration_ms(&self, now: Millis) -> u64 {
+        self.ended_at.unwrap_or(now).saturating_sub(self.started_at)
+    }
+
+    pub(crate) fn finish(
+        &mut self,
+        now: Millis,
+        exit: Option<Exit>,
+        outcome: Outcome,
+        reason: Option<String>,
+    ) {
+        self.ended_at = Some(now);
+        self.outcome = outcome;
+        match exit {
+            Some(Exit::Code(c)) => self.exit_code = Some(c),
+            Some(Exit::Signal(s)) => self.signal = Some(s),
+            None => {}
+        }
+        self.fail_reason = reason;
+    }
+}
+
 /// The status document, `status.lat`. The first two keys are the original
 /// protocol; the rest are our additions.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -335,7 +448,7 @@ pub struct StatusDoc {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub activity: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub build: Option<crate::machine::BuildRecord>,
+    pub build: Option<BuildRecord>,
     /// How long the build ran, or has run so far.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub build_duration_ms: Option<u64>,
