@@ -8,6 +8,15 @@ use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use rustix::fs::{AtFlags, Mode, OFlags, StatxFlags, CWD};
+use rustix::io::Errno;
+
+/// `flags` as [`OpenOptionsExt::custom_flags`] takes them (all `O_*` flags
+/// are positive `c_int`s, so the cast keeps the bits).
+fn custom(flags: OFlags) -> i32 {
+    flags.bits() as i32
+}
+
 /// Who should own the files the daemon creates in the channel.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Owner {
@@ -19,8 +28,7 @@ impl Owner {
     /// The owner of `dir`, if we run as root and it is someone else; `None`
     /// means "leave ownership alone".
     pub fn of_dir_when_root(dir: &Path) -> Option<Owner> {
-        // SAFETY: geteuid has no preconditions.
-        if unsafe { libc::geteuid() } != 0 {
+        if euid() != 0 {
             return None;
         }
         let md = fs::metadata(dir).ok()?;
@@ -118,7 +126,7 @@ pub fn replace_atomic(
 ) -> io::Result<Option<File>> {
     let old = OpenOptions::new()
         .read(true)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .custom_flags(custom(OFlags::NOFOLLOW | OFlags::NONBLOCK))
         .open(dir.join(name))
         .ok();
     write_atomic(dir, name, data, mode, owner, false)?;
@@ -171,7 +179,7 @@ pub fn ensure_dir(dir: &Path) -> io::Result<()> {
 pub fn open_dir_nofollow(dir: &Path) -> io::Result<File> {
     OpenOptions::new()
         .read(true)
-        .custom_flags(libc::O_DIRECTORY | libc::O_NOFOLLOW)
+        .custom_flags(custom(OFlags::DIRECTORY | OFlags::NOFOLLOW))
         .open(dir)
 }
 
@@ -180,30 +188,22 @@ fn cstr(name: &std::ffi::OsStr) -> io::Result<CString> {
         .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "name has a NUL byte"))
 }
 
-fn cvt(r: libc::c_int) -> io::Result<libc::c_int> {
-    if r < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(r)
-    }
+/// Whether `e` is the system error `errno`.
+fn is_errno(e: &io::Error, errno: Errno) -> bool {
+    Errno::from_io_error(e) == Some(errno)
 }
 
 /// Opens `name` in the directory `dir` with `flags` (plus O_NOFOLLOW and
 /// O_CLOEXEC), relative to the descriptor: no path is resolved again.
-fn open_at(dir: &File, name: &std::ffi::OsStr, flags: libc::c_int, mode: u32) -> io::Result<File> {
-    use std::os::fd::{AsRawFd, FromRawFd};
+fn open_at(dir: &File, name: &std::ffi::OsStr, flags: OFlags, mode: u32) -> io::Result<File> {
     let c = cstr(name)?;
-    // SAFETY: valid fd and NUL-terminated name; the new fd is owned below.
-    let fd = cvt(unsafe {
-        libc::openat(
-            dir.as_raw_fd(),
-            c.as_ptr(),
-            flags | libc::O_NOFOLLOW | libc::O_CLOEXEC,
-            mode as libc::c_uint,
-        )
-    })?;
-    // SAFETY: fd was just returned by openat and is owned by no one else.
-    Ok(unsafe { File::from_raw_fd(fd) })
+    let fd = rustix::fs::openat(
+        dir,
+        &c,
+        flags | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+        Mode::from_raw_mode(mode),
+    )?;
+    Ok(File::from(fd))
 }
 
 /// Opens the directory `path`, which must lie below `base` (a trusted,
@@ -221,7 +221,7 @@ pub fn open_dir_beneath(base: &Path, path: &Path) -> io::Result<File> {
     for comp in rel.components() {
         match comp {
             std::path::Component::Normal(name) => {
-                dir = open_at(&dir, name, libc::O_RDONLY | libc::O_DIRECTORY, 0)?;
+                dir = open_at(&dir, name, OFlags::RDONLY | OFlags::DIRECTORY, 0)?;
             }
             std::path::Component::CurDir => {}
             _ => {
@@ -242,18 +242,16 @@ pub fn open_dir_beneath(base: &Path, path: &Path) -> io::Result<File> {
 /// The subdirectory `name` of `dir`, made (mode 0775, owned like `dir`)
 /// if missing; a symlink in its place is refused.
 pub fn ensure_subdir_at(dir: &File, name: &str) -> io::Result<File> {
-    use std::os::fd::AsRawFd;
     let c = cstr(std::ffi::OsStr::new(name))?;
-    // SAFETY: valid fd and NUL-terminated name.
-    let made = unsafe { libc::mkdirat(dir.as_raw_fd(), c.as_ptr(), 0o775) } == 0;
+    let made = rustix::fs::mkdirat(dir, &c, Mode::from_raw_mode(0o775)).is_ok();
     let sub = open_at(
         dir,
         std::ffi::OsStr::new(name),
-        libc::O_RDONLY | libc::O_DIRECTORY,
+        OFlags::RDONLY | OFlags::DIRECTORY,
         0,
     )
     .map_err(|e| {
-        if e.raw_os_error() == Some(libc::ELOOP) || e.raw_os_error() == Some(libc::ENOTDIR) {
+        if is_errno(&e, Errno::LOOP) || is_errno(&e, Errno::NOTDIR) {
             io::Error::new(
                 e.kind(),
                 format!("{name} is not a directory (a symlink?); remove it"),
@@ -264,8 +262,7 @@ pub fn ensure_subdir_at(dir: &File, name: &str) -> io::Result<File> {
     })?;
     if made {
         let md = dir.metadata()?;
-        // SAFETY: geteuid has no preconditions.
-        if unsafe { libc::geteuid() } == 0 {
+        if euid() == 0 {
             give_away(std::os::unix::fs::fchown(
                 &sub,
                 Some(md.uid()),
@@ -284,32 +281,27 @@ pub fn create_fresh_at(dir: &File, name: &str, mode: u32) -> io::Result<File> {
     open_at(
         dir,
         std::ffi::OsStr::new(name),
-        libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL,
+        OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL,
         mode,
     )
 }
 
 /// Unlinks `name` in `dir`; already gone counts as done.
 pub fn unlink_at(dir: &File, name: &str) -> io::Result<()> {
-    use std::os::fd::AsRawFd;
     let c = cstr(std::ffi::OsStr::new(name))?;
-    // SAFETY: valid fd and NUL-terminated name.
-    match cvt(unsafe { libc::unlinkat(dir.as_raw_fd(), c.as_ptr(), 0) }) {
-        Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+    match rustix::fs::unlinkat(dir, &c, AtFlags::empty()) {
+        Err(e) if e != Errno::NOENT => Err(e.into()),
         _ => Ok(()),
     }
 }
 
 /// Renames `from` to `to`, both in `dir`.
 pub fn rename_at(dir: &File, from: &str, to: &str) -> io::Result<()> {
-    use std::os::fd::AsRawFd;
     let (f, t) = (
         cstr(std::ffi::OsStr::new(from))?,
         cstr(std::ffi::OsStr::new(to))?,
     );
-    // SAFETY: valid fd and NUL-terminated names.
-    cvt(unsafe { libc::renameat(dir.as_raw_fd(), f.as_ptr(), dir.as_raw_fd(), t.as_ptr()) })
-        .map(|_| ())
+    Ok(rustix::fs::renameat(dir, &f, dir, &t)?)
 }
 
 /// Creates the FIFO `path` unless a FIFO is already there; says whether
@@ -324,14 +316,10 @@ pub fn ensure_fifo(path: &Path) -> io::Result<bool> {
     }
     let c = CString::new(path.as_os_str().as_bytes())
         .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "path has a NUL byte"))?;
-    // SAFETY: c is a valid NUL-terminated path.
-    if unsafe { libc::mkfifo(c.as_ptr(), 0o600) } != 0 {
-        let e = io::Error::last_os_error();
-        if e.kind() != io::ErrorKind::AlreadyExists {
-            return Err(e);
-        }
+    match rustix::fs::mkfifoat(CWD, &c, Mode::from_raw_mode(0o600)) {
+        Err(e) if e != Errno::EXIST => Err(e.into()),
+        _ => Ok(true),
     }
-    Ok(true)
 }
 
 /// Opens the daemon's end of the wake-up FIFO: read-write (so it never
@@ -343,7 +331,7 @@ pub fn open_fifo(path: &Path, owner: Option<Owner>) -> io::Result<File> {
     let f = OpenOptions::new()
         .read(true)
         .write(true)
-        .custom_flags(libc::O_NONBLOCK | libc::O_NOFOLLOW)
+        .custom_flags(custom(OFlags::NONBLOCK | OFlags::NOFOLLOW))
         .open(path)?;
     if !f.metadata()?.file_type().is_fifo() {
         return Err(io::Error::new(io::ErrorKind::InvalidInput, "not a FIFO"));
@@ -373,7 +361,7 @@ pub fn poke(fifo: &Path) {
     use std::os::unix::fs::FileTypeExt;
     if let Ok(mut f) = OpenOptions::new()
         .write(true)
-        .custom_flags(libc::O_NONBLOCK | libc::O_NOFOLLOW)
+        .custom_flags(custom(OFlags::NONBLOCK | OFlags::NOFOLLOW))
         .open(fifo)
     {
         if f.metadata().is_ok_and(|m| m.file_type().is_fifo()) {
@@ -391,7 +379,7 @@ pub fn open_append(path: &Path, mode: u32) -> io::Result<File> {
             .append(true)
             .create(true)
             .mode(mode)
-            .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+            .custom_flags(custom(OFlags::NOFOLLOW | OFlags::NONBLOCK))
             .open(path)?,
     )
 }
@@ -401,7 +389,7 @@ pub fn open_existing_for_write(path: &Path) -> io::Result<File> {
     regular(
         OpenOptions::new()
             .write(true)
-            .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+            .custom_flags(custom(OFlags::NOFOLLOW | OFlags::NONBLOCK))
             .open(path)?,
     )
 }
@@ -412,7 +400,7 @@ pub fn open_regular_read(path: &Path) -> io::Result<File> {
     regular(
         OpenOptions::new()
             .read(true)
-            .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+            .custom_flags(custom(OFlags::NOFOLLOW | OFlags::NONBLOCK))
             .open(path)?,
     )
 }
@@ -472,24 +460,11 @@ pub fn remove_if_present(path: &Path) -> io::Result<()> {
 /// The name a symlink `name` in `dir` points to, read through the
 /// descriptor.
 pub fn read_link_at(dir: &File, name: &str) -> io::Result<std::ffi::OsString> {
-    use std::os::fd::AsRawFd;
     use std::os::unix::ffi::OsStringExt;
     let c = cstr(std::ffi::OsStr::new(name))?;
-    let mut buf = vec![0u8; 4096];
-    // SAFETY: valid fd, NUL-terminated name, and a buffer of buf.len() bytes.
-    let n = unsafe {
-        libc::readlinkat(
-            dir.as_raw_fd(),
-            c.as_ptr(),
-            buf.as_mut_ptr().cast(),
-            buf.len(),
-        )
-    };
-    if n < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    buf.truncate(n as usize);
-    Ok(std::ffi::OsString::from_vec(buf))
+    // Up to 4096 bytes, as a link's target can have (PATH_MAX).
+    let target = rustix::fs::readlinkat(dir, &c, Vec::with_capacity(4096))?;
+    Ok(std::ffi::OsString::from_vec(target.into_bytes()))
 }
 
 /// Opens the SDK's log `name` (`log.appsdk`) in the log directory `dir`.
@@ -503,13 +478,13 @@ pub fn open_log_at(dir: &File, name: &str) -> io::Result<(File, String)> {
         open_at(
             dir,
             std::ffi::OsStr::new(n),
-            libc::O_RDONLY | libc::O_NONBLOCK,
+            OFlags::RDONLY | OFlags::NONBLOCK,
             0,
         )
         .and_then(regular)
     };
     match open(name) {
-        Err(e) if e.raw_os_error() == Some(libc::ELOOP) => {
+        Err(e) if is_errno(&e, Errno::LOOP) => {
             let target = read_link_at(dir, name)?;
             let target = target.to_str().filter(|t| plain_name(t)).ok_or_else(|| {
                 io::Error::new(
@@ -542,7 +517,7 @@ pub fn open_log(log: &Path) -> io::Result<(File, std::path::PathBuf)> {
     };
     let d = OpenOptions::new()
         .read(true)
-        .custom_flags(libc::O_DIRECTORY)
+        .custom_flags(custom(OFlags::DIRECTORY))
         .open(dir)?;
     let (f, opened) = open_log_at(&d, name)?;
     Ok((f, dir.join(opened)))
@@ -551,7 +526,7 @@ pub fn open_log(log: &Path) -> io::Result<(File, std::path::PathBuf)> {
 /// Opens the regular file `name` in `dir` for reading, never through a
 /// symlink and never blocking on a FIFO.
 pub fn open_regular_at(dir: &File, name: &std::ffi::OsStr) -> io::Result<File> {
-    open_at(dir, name, libc::O_RDONLY | libc::O_NONBLOCK, 0).and_then(regular)
+    open_at(dir, name, OFlags::RDONLY | OFlags::NONBLOCK, 0).and_then(regular)
 }
 
 /// Gives `sub` the owner of `dir` (through the descriptor), when we run as
@@ -567,8 +542,7 @@ pub fn own_like(sub: &File, dir: &File) {
 
 /// The effective user id of this process.
 pub fn euid() -> u32 {
-    // SAFETY: geteuid has no preconditions.
-    unsafe { libc::geteuid() }
+    rustix::process::geteuid().as_raw()
 }
 
 /// A path that reaches `name` in the directory held open as `dir`, without
@@ -632,22 +606,14 @@ pub fn read_capped_checked(
 /// attribute cache, and NFS's close-to-open does not apply to every FUSE
 /// filesystem. Best effort (an older kernel just ignores the flag).
 pub fn refresh_attributes(path: &Path) {
-    let Ok(c) = CString::new(path.as_os_str().as_bytes()) else {
-        return;
-    };
-    let mut buf = std::mem::MaybeUninit::<libc::statx>::zeroed();
-    // SAFETY: a valid C string and a buffer of the right type and size;
-    // the raw syscall avoids depending on the C library's wrapper.
-    unsafe {
-        libc::syscall(
-            libc::SYS_statx,
-            libc::AT_FDCWD,
-            c.as_ptr(),
-            libc::AT_SYMLINK_NOFOLLOW | libc::AT_STATX_FORCE_SYNC,
-            libc::STATX_BASIC_STATS,
-            buf.as_mut_ptr(),
-        )
-    };
+    // The system call itself (not the C library's wrapper, which an older
+    // one lacks). A path with a NUL byte is not asked about at all.
+    let _ = rustix::fs::statx(
+        CWD,
+        path,
+        AtFlags::SYMLINK_NOFOLLOW | AtFlags::STATX_FORCE_SYNC,
+        StatxFlags::BASIC_STATS,
+    );
 }
 
 /// A file that is rewritten in place: one inode for as long as it stays
@@ -701,7 +667,7 @@ impl InPlace {
                 .write(true)
                 .create_new(true)
                 .mode(mode)
-                .custom_flags(libc::O_NOFOLLOW)
+                .custom_flags(custom(OFlags::NOFOLLOW))
                 .open(&tmp)?;
             f.write_all(data)?;
             f.set_permissions(std::os::unix::fs::PermissionsExt::from_mode(mode))?;

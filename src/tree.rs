@@ -38,11 +38,13 @@
 
 use std::ffi::{CStr, CString, OsStr};
 use std::io;
-use std::mem::MaybeUninit;
-use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
+
+use rustix::fs::{AtFlags, Dir, FileType, Mode, OFlags, ResolveFlags, Stat, StatxFlags};
+use rustix::io::Errno;
 
 /// How many times a removal starts over or revisits a directory because
 /// something else changed the tree meanwhile, before it gives up.
@@ -102,11 +104,11 @@ fn remove_tree_with(root: &Path, resolve: Resolve, base: Option<&Path>) -> Resul
     };
     let opened = match base {
         Some(b) => crate::fsutil::open_dir_beneath(b, parent).map(OwnedFd::from),
-        None => open_path(parent),
+        None => open_path(parent).map_err(io::Error::from),
     };
     let base = match opened {
         Ok(fd) => fd,
-        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(()),
+        Err(e) if Errno::from_io_error(&e) == Some(Errno::NOENT) => return Ok(()),
         Err(e) => return Err(format!("cannot open directory {}: {e}", parent.display())),
     };
     let base_id =
@@ -147,8 +149,8 @@ enum Open {
 /// Identity of an open directory.
 #[derive(Debug, Clone, Copy)]
 struct Id {
-    dev: libc::dev_t,
-    ino: libc::ino_t,
+    dev: u64,
+    ino: u64,
     /// The mount id, where the kernel tells it (`statx`, Linux 5.8).
     mnt: Option<u64>,
 }
@@ -205,8 +207,8 @@ impl Walk<'_> {
     fn attempt(&mut self, base: &OwnedFd, base_id: &Id, name: &CStr) -> Result<(), Stop> {
         let root = self.root;
         let is_dir = match stat_at(base, name) {
-            Ok(st) => st.st_mode & libc::S_IFMT == libc::S_IFDIR,
-            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(()),
+            Ok(st) => is_directory(&st),
+            Err(Errno::NOENT) => return Ok(()),
             Err(e) => {
                 return Err(Stop::Fail(format!(
                     "cannot inspect {}: {e}",
@@ -215,14 +217,14 @@ impl Walk<'_> {
             }
         };
         if !is_dir {
-            return match unlink_at(base, name, 0) {
+            return match unlink_at(base, name, AtFlags::empty()) {
                 Ok(()) => Ok(()),
-                Err(e) if e.raw_os_error() == Some(libc::EISDIR) => Err(Stop::Again(format!(
+                Err(Errno::ISDIR) => Err(Stop::Again(format!(
                     "cannot remove {}: it keeps changing between file and directory; \
                      stop whatever changes it, then clean again",
                     root.display()
                 ))),
-                Err(e) => Err(Stop::Fail(cannot_unlink(root, &e))),
+                Err(e) => Err(Stop::Fail(cannot_unlink(root, e))),
             };
         }
         let (mut cur, id) = match self.open_dir(base, name, base_id, || root.to_path_buf())? {
@@ -261,9 +263,9 @@ impl Walk<'_> {
                         });
                     }
                     Open::Gone => {}
-                    Open::NotDir => match unlink_at(&cur, &child, 0) {
+                    Open::NotDir => match unlink_at(&cur, &child, AtFlags::empty()) {
                         Ok(()) => {}
-                        Err(e) if e.raw_os_error() == Some(libc::EISDIR) => {
+                        Err(Errno::ISDIR) => {
                             let msg = format!(
                                 "cannot remove {}: it keeps changing between file and directory; \
                                  stop whatever changes it, then clean again",
@@ -275,7 +277,7 @@ impl Walk<'_> {
                         Err(e) => {
                             return Err(Stop::Fail(cannot_unlink(
                                 &self.path(&stack, Some(&child)),
-                                &e,
+                                e,
                             )))
                         }
                     },
@@ -288,19 +290,17 @@ impl Walk<'_> {
             };
             let Some(parent) = stack.last() else {
                 drop(cur);
-                return match unlink_at(base, &done.name, libc::AT_REMOVEDIR) {
+                return match unlink_at(base, &done.name, AtFlags::REMOVEDIR) {
                     Ok(()) => Ok(()),
-                    Err(e) if is_not_empty(&e) => Err(Stop::Again(not_empty(root, &e))),
+                    Err(e) if is_not_empty(e) => Err(Stop::Again(not_empty(root, e))),
                     // Replaced by a non-directory: start over, that unlinks it.
-                    Err(e) if e.raw_os_error() == Some(libc::ENOTDIR) => {
-                        Err(Stop::Again(moved(root)))
-                    }
+                    Err(Errno::NOTDIR) => Err(Stop::Again(moved(root))),
                     Err(e) => Err(Stop::Fail(format!("cannot remove {}: {e}", root.display()))),
                 };
             };
             let up = match open_at(&cur, c"..") {
                 Ok(fd) => fd,
-                Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {
+                Err(Errno::NOENT) => {
                     return Err(Stop::Again(moved(&self.path(&stack, Some(&done.name)))))
                 }
                 Err(e) => {
@@ -321,18 +321,18 @@ impl Walk<'_> {
                 }
             }
             cur = up;
-            match unlink_at(&cur, &done.name, libc::AT_REMOVEDIR) {
+            match unlink_at(&cur, &done.name, AtFlags::REMOVEDIR) {
                 Ok(()) => {}
-                Err(e) if is_not_empty(&e) => {
+                Err(e) if is_not_empty(e) => {
                     // Something wrote into it meanwhile: empty it again.
-                    let msg = not_empty(&self.path(&stack, Some(&done.name)), &e);
+                    let msg = not_empty(&self.path(&stack, Some(&done.name)), e);
                     self.retry(msg).map_err(Stop::Fail)?;
                     let top = stack.len() - 1;
                     stack[top].subdirs.push(done.name);
                 }
                 // The directory we emptied was moved away and something else
                 // put in its place: start over, to find both.
-                Err(e) if e.raw_os_error() == Some(libc::ENOTDIR) => {
+                Err(Errno::NOTDIR) => {
                     return Err(Stop::Again(moved(&self.path(&stack, Some(&done.name)))))
                 }
                 Err(e) => {
@@ -363,10 +363,10 @@ impl Walk<'_> {
         let fd = match opened {
             Ok(fd) => fd,
             Err(e) => {
-                return match e.raw_os_error() {
-                    Some(libc::ENOENT) => Ok(Open::Gone),
-                    Some(libc::ENOTDIR | libc::ELOOP) => Ok(Open::NotDir),
-                    Some(libc::EXDEV) => Err(mount_point()),
+                return match e {
+                    Errno::NOENT => Ok(Open::Gone),
+                    Errno::NOTDIR | Errno::LOOP => Ok(Open::NotDir),
+                    Errno::XDEV => Err(mount_point()),
                     _ => Err(Stop::Fail(format!(
                         "cannot open directory {}: {e}",
                         path().display()
@@ -394,8 +394,8 @@ impl Walk<'_> {
                 Kind::Dir => true,
                 Kind::Other => false,
                 Kind::Unknown => match stat_at(dir, &name) {
-                    Ok(st) => st.st_mode & libc::S_IFMT == libc::S_IFDIR,
-                    Err(e) if e.raw_os_error() == Some(libc::ENOENT) => continue,
+                    Ok(st) => is_directory(&st),
+                    Err(Errno::NOENT) => continue,
                     Err(e) => {
                         return Err(Stop::Fail(format!(
                             "cannot inspect {}: {e}",
@@ -408,14 +408,14 @@ impl Walk<'_> {
                 subdirs.push(name);
                 continue;
             }
-            match unlink_at(dir, &name, 0) {
+            match unlink_at(dir, &name, AtFlags::empty()) {
                 Ok(()) => {}
                 // It became a directory meanwhile: visit it as one.
-                Err(e) if e.raw_os_error() == Some(libc::EISDIR) => subdirs.push(name),
+                Err(Errno::ISDIR) => subdirs.push(name),
                 Err(e) => {
                     return Err(Stop::Fail(cannot_unlink(
                         &path().join(OsStr::from_bytes(name.to_bytes())),
-                        &e,
+                        e,
                     )))
                 }
             }
@@ -426,11 +426,13 @@ impl Walk<'_> {
     }
 }
 
-fn is_not_empty(e: &io::Error) -> bool {
-    matches!(e.raw_os_error(), Some(libc::ENOTEMPTY | libc::EEXIST))
+fn is_not_empty(e: Errno) -> bool {
+    matches!(e, Errno::NOTEMPTY | Errno::EXIST)
 }
 
-fn not_empty(path: &Path, e: &io::Error) -> String {
+// An `Errno` displays as the `io::Error` it converts to: "Permission
+// denied (os error 13)".
+fn not_empty(path: &Path, e: Errno) -> String {
     format!(
         "cannot remove {}: {e}; something keeps writing there: stop it, then clean again",
         path.display()
@@ -446,8 +448,8 @@ fn mount_point(path: &Path) -> String {
 
 /// The error for a non-directory that cannot be unlinked (EBUSY: a file
 /// bind-mounted there).
-fn cannot_unlink(path: &Path, e: &io::Error) -> String {
-    if e.raw_os_error() == Some(libc::EBUSY) {
+fn cannot_unlink(path: &Path, e: Errno) -> String {
+    if e == Errno::BUSY {
         mount_point(path)
     } else {
         format!("cannot remove {}: {e}", path.display())
@@ -466,75 +468,42 @@ fn c_name(name: &OsStr) -> Option<CString> {
     CString::new(name.as_bytes()).ok()
 }
 
-/// Turns a syscall's return value into a descriptor it returned.
-fn owned_fd(ret: libc::c_long) -> io::Result<OwnedFd> {
-    if ret < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    let fd = RawFd::try_from(ret).map_err(|_| io::Error::from_raw_os_error(libc::EBADF))?;
-    // SAFETY: the syscall succeeded, so `fd` is a new descriptor that
-    // nothing else owns.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+/// Whether `st` is the status of a directory.
+fn is_directory(st: &Stat) -> bool {
+    FileType::from_raw_mode(st.st_mode) == FileType::Directory
 }
 
-const DIR_FLAGS: libc::c_int =
-    libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NOFOLLOW | libc::O_CLOEXEC;
+const DIR_FLAGS: OFlags = OFlags::RDONLY
+    .union(OFlags::DIRECTORY)
+    .union(OFlags::NOFOLLOW)
+    .union(OFlags::CLOEXEC);
 
 /// Opens a trusted directory by path (following symlinks as usual).
-fn open_path(path: &Path) -> io::Result<OwnedFd> {
-    let c = CString::new(path.as_os_str().as_bytes())
-        .map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
-    // SAFETY: `c` is a valid NUL-terminated string for the call's duration.
-    let fd = unsafe {
-        libc::open(
-            c.as_ptr(),
-            libc::O_RDONLY | libc::O_DIRECTORY | libc::O_CLOEXEC,
-        )
-    };
-    owned_fd(fd.into())
+fn open_path(path: &Path) -> rustix::io::Result<OwnedFd> {
+    rustix::fs::open(
+        path,
+        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+        Mode::empty(),
+    )
 }
 
 /// Opens the directory `name` in `dir`, not following a symlink.
-fn open_at(dir: &OwnedFd, name: &CStr) -> io::Result<OwnedFd> {
-    // SAFETY: `dir` is an open descriptor and `name` a valid NUL-terminated
-    // string, both for the call's duration.
-    let fd = unsafe { libc::openat(dir.as_raw_fd(), name.as_ptr(), DIR_FLAGS) };
-    owned_fd(fd.into())
+fn open_at(dir: &OwnedFd, name: &CStr) -> rustix::io::Result<OwnedFd> {
+    rustix::fs::openat(dir, name, DIR_FLAGS, Mode::empty())
 }
 
 /// Opens the directory `name` in `dir` with `openat2`, so that the kernel
 /// refuses a symlink, `..` and a mount crossing (EXDEV); falls back to
 /// [`open_at`] where `openat2` is missing or forbidden.
-fn open_beneath(dir: &OwnedFd, name: &CStr) -> io::Result<OwnedFd> {
+fn open_beneath(dir: &OwnedFd, name: &CStr) -> rustix::io::Result<OwnedFd> {
     if !NO_OPENAT2.load(Ordering::Relaxed) {
-        // SAFETY: `open_how` is plain integers, for which all zeroes is a
-        // valid value (and the defaults the kernel expects).
-        let mut how: libc::open_how = unsafe { std::mem::zeroed() };
-        how.flags = DIR_FLAGS as u64;
-        how.resolve = libc::RESOLVE_BENEATH | libc::RESOLVE_NO_SYMLINKS | libc::RESOLVE_NO_XDEV;
+        let resolve = ResolveFlags::BENEATH | ResolveFlags::NO_SYMLINKS | ResolveFlags::NO_XDEV;
         for _ in 0..8 {
-            // SAFETY: `dir` is an open descriptor, `name` a valid
-            // NUL-terminated string and `how` a valid `open_how` whose size
-            // we pass, all for the call's duration.
-            let ret = unsafe {
-                libc::syscall(
-                    libc::SYS_openat2,
-                    dir.as_raw_fd(),
-                    name.as_ptr(),
-                    &how as *const libc::open_how,
-                    std::mem::size_of::<libc::open_how>(),
-                )
-            };
-            match owned_fd(ret) {
+            match rustix::fs::openat2(dir, name, DIR_FLAGS, Mode::empty(), resolve) {
                 Ok(fd) => return Ok(fd),
                 // A rename somewhere raced the lookup: try again.
-                Err(e) if e.raw_os_error() == Some(libc::EAGAIN) => continue,
-                Err(e)
-                    if matches!(
-                        e.raw_os_error(),
-                        Some(libc::ENOSYS | libc::EPERM | libc::EINVAL | libc::E2BIG)
-                    ) =>
-                {
+                Err(Errno::AGAIN) => continue,
+                Err(Errno::NOSYS | Errno::PERM | Errno::INVAL | Errno::TOOBIG) => {
                     NO_OPENAT2.store(true, Ordering::Relaxed);
                     break;
                 }
@@ -546,82 +515,63 @@ fn open_beneath(dir: &OwnedFd, name: &CStr) -> io::Result<OwnedFd> {
 }
 
 /// Device, inode and (where known) mount id of an open file.
-fn identify(fd: &OwnedFd) -> io::Result<Id> {
-    let mut st = MaybeUninit::<libc::stat>::uninit();
-    // SAFETY: `fd` is open and `st` points to writable memory of the right
-    // type.
-    if unsafe { libc::fstat(fd.as_raw_fd(), st.as_mut_ptr()) } != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: fstat succeeded, so it filled `st`.
-    let st = unsafe { st.assume_init() };
+fn identify(fd: &OwnedFd) -> rustix::io::Result<Id> {
+    let st = rustix::fs::fstat(fd)?;
     Ok(Id {
         dev: st.st_dev,
         ino: st.st_ino,
-        mnt: mount_id(fd.as_raw_fd()),
+        mnt: mount_id_of(fd),
     })
 }
 
 /// The mount id of what `fd` refers to (statx, Linux 5.8+), if known.
-pub(crate) fn mount_id(fd: RawFd) -> Option<u64> {
+pub(crate) fn mount_id_of(fd: impl AsFd) -> Option<u64> {
     if NO_STATX.load(Ordering::Relaxed) {
         return None;
     }
-    let mut stx = MaybeUninit::<libc::statx>::zeroed();
-    // SAFETY: `fd` is open, the path is an empty NUL-terminated string (with
-    // AT_EMPTY_PATH: the file `fd` refers to) and `stx` points to writable
-    // memory of the right type.
-    let ret = unsafe {
-        libc::statx(
-            fd,
-            c"".as_ptr(),
-            libc::AT_EMPTY_PATH | libc::AT_SYMLINK_NOFOLLOW,
-            libc::STATX_MNT_ID,
-            stx.as_mut_ptr(),
-        )
-    };
-    if ret != 0 {
-        if io::Error::last_os_error().raw_os_error() == Some(libc::ENOSYS) {
-            NO_STATX.store(true, Ordering::Relaxed);
+    // The empty path with AT_EMPTY_PATH: the file `fd` refers to.
+    match rustix::fs::statx(
+        fd,
+        c"",
+        AtFlags::EMPTY_PATH | AtFlags::SYMLINK_NOFOLLOW,
+        StatxFlags::MNT_ID,
+    ) {
+        Ok(stx) => (stx.stx_mask & StatxFlags::MNT_ID.bits() != 0).then_some(stx.stx_mnt_id),
+        Err(e) => {
+            if e == Errno::NOSYS {
+                NO_STATX.store(true, Ordering::Relaxed);
+            }
+            None
         }
+    }
+}
+
+/// [`mount_id_of`] for a raw descriptor number, which the caller holds
+/// open. (For callers that still pass one; prefer [`mount_id_of`].)
+pub(crate) fn mount_id(fd: RawFd) -> Option<u64> {
+    if fd < 0 {
+        // What statx says of a negative descriptor (EBADF): unknown.
         return None;
     }
-    // SAFETY: statx succeeded, so it filled `stx` (which was zeroed anyway).
-    let stx = unsafe { stx.assume_init() };
-    (stx.stx_mask & libc::STATX_MNT_ID != 0).then_some(stx.stx_mnt_id)
+    // SAFETY: `fd` is not -1 (checked above), and the borrow lives only for
+    // this one statx call, which reads the file's attributes and neither
+    // closes nor keeps the descriptor. Callers pass a descriptor they hold
+    // open; were it closed meanwhile, statx fails with EBADF (None here) or
+    // reads whatever file now has that number, never memory.
+    let fd = unsafe { BorrowedFd::borrow_raw(fd) };
+    mount_id_of(fd)
 }
 
 /// `lstat` of `name` in `dir`.
-fn stat_at(dir: &OwnedFd, name: &CStr) -> io::Result<libc::stat> {
-    let mut st = MaybeUninit::<libc::stat>::uninit();
-    // SAFETY: `dir` is open, `name` a valid NUL-terminated string and `st`
-    // points to writable memory of the right type.
-    let ret = unsafe {
-        libc::fstatat(
-            dir.as_raw_fd(),
-            name.as_ptr(),
-            st.as_mut_ptr(),
-            libc::AT_SYMLINK_NOFOLLOW,
-        )
-    };
-    if ret != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: fstatat succeeded, so it filled `st`.
-    Ok(unsafe { st.assume_init() })
+fn stat_at(dir: &OwnedFd, name: &CStr) -> rustix::io::Result<Stat> {
+    rustix::fs::statat(dir, name, AtFlags::SYMLINK_NOFOLLOW)
 }
 
 /// `unlinkat`; a name that is already gone counts as removed.
-fn unlink_at(dir: &OwnedFd, name: &CStr, flags: libc::c_int) -> io::Result<()> {
-    // SAFETY: `dir` is open and `name` a valid NUL-terminated string.
-    if unsafe { libc::unlinkat(dir.as_raw_fd(), name.as_ptr(), flags) } == 0 {
-        return Ok(());
-    }
-    let e = io::Error::last_os_error();
-    if e.raw_os_error() == Some(libc::ENOENT) {
-        Ok(())
-    } else {
-        Err(e)
+fn unlink_at(dir: &OwnedFd, name: &CStr, flags: AtFlags) -> rustix::io::Result<()> {
+    match rustix::fs::unlinkat(dir, name, flags) {
+        Err(Errno::NOENT) => Ok(()),
+        other => other,
     }
 }
 
@@ -633,72 +583,40 @@ enum Kind {
     Unknown,
 }
 
-/// A directory stream, closed (with its descriptor) on drop.
-struct DirStream(*mut libc::DIR);
-
-impl Drop for DirStream {
-    fn drop(&mut self) {
-        // SAFETY: `self.0` came from a successful fdopendir and is closed
-        // only here.
-        unsafe { libc::closedir(self.0) };
-    }
-}
-
 /// The entries of the directory `dir` refers to (without `.` and `..`),
 /// read through a duplicate of `dir`, closed before returning.
-fn list(dir: &OwnedFd) -> io::Result<Vec<(CString, Kind)>> {
-    // SAFETY: `dir` is open; F_DUPFD_CLOEXEC takes an integer argument.
-    let dup = unsafe { libc::fcntl(dir.as_raw_fd(), libc::F_DUPFD_CLOEXEC, 0) };
-    let dup = owned_fd(dup.into())?.into_raw_fd();
-    // SAFETY: `dup` is an open descriptor of a directory that we own; on
-    // success the stream owns it.
-    let stream = unsafe { libc::fdopendir(dup) };
-    if stream.is_null() {
-        let e = io::Error::last_os_error();
-        // SAFETY: fdopendir failed, so `dup` is still ours to close.
-        drop(unsafe { OwnedFd::from_raw_fd(dup) });
-        return Err(e);
-    }
-    let stream = DirStream(stream);
+fn list(dir: &OwnedFd) -> rustix::io::Result<Vec<(CString, Kind)>> {
+    // A duplicate, not a new open of ".": that would need search permission
+    // on the directory, where reading it needs only read permission.
+    let mut stream = Dir::new(rustix::io::fcntl_dupfd_cloexec(dir, 0)?)?;
     // The duplicate shares its offset with `dir`: start from the beginning.
-    // SAFETY: `stream.0` is a valid directory stream.
-    unsafe { libc::rewinddir(stream.0) };
+    stream.rewind();
     let mut entries = Vec::new();
-    loop {
-        // SAFETY: errno is thread-local; clearing it tells the end of the
-        // directory (NULL, errno 0) from an error (NULL, errno set).
-        unsafe { *libc::__errno_location() = 0 };
-        // SAFETY: `stream.0` is a valid directory stream, used by this
-        // thread only.
-        let ent = unsafe { libc::readdir(stream.0) };
-        if ent.is_null() {
-            let e = io::Error::last_os_error();
-            return match e.raw_os_error() {
-                Some(0) => Ok(entries),
-                _ => Err(e),
-            };
-        }
-        // SAFETY: readdir returned an entry that stays valid until the next
-        // call on this stream; `d_name` is NUL-terminated. We copy what we
-        // need before that.
-        let (name, d_type) = unsafe { (CStr::from_ptr((*ent).d_name.as_ptr()), (*ent).d_type) };
+    // The end of the directory is `None`; an error is `Some(Err(..))`.
+    while let Some(entry) = stream.read() {
+        let entry = entry?;
+        let name = entry.file_name();
         let bytes = name.to_bytes();
         if bytes == b"." || bytes == b".." {
             continue;
         }
-        let kind = match d_type {
-            libc::DT_DIR => Kind::Dir,
-            libc::DT_UNKNOWN => Kind::Unknown,
+        let kind = match entry.file_type() {
+            FileType::Directory => Kind::Dir,
+            FileType::Unknown => Kind::Unknown,
             _ => Kind::Other,
         };
         entries.push((name.to_owned(), kind));
     }
+    Ok(entries)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use rustix::mount::{unmount, UnmountFlags};
+    use rustix::process::{getrlimit, setrlimit, Resource, Rlimit};
     use std::fs;
+    use std::os::fd::AsRawFd;
     use std::os::unix::fs::{symlink, PermissionsExt};
     use std::os::unix::process::CommandExt;
     use std::process::Command;
@@ -747,8 +665,7 @@ mod tests {
     }
 
     fn is_root() -> bool {
-        // SAFETY: geteuid has no preconditions.
-        unsafe { libc::geteuid() == 0 }
+        rustix::process::geteuid().is_root()
     }
 
     const MODES: [Resolve; 2] = [Resolve::Auto, Resolve::Portable];
@@ -770,18 +687,9 @@ mod tests {
         cmd.args([name.as_str(), "--exact", "--nocapture", "--test-threads=1"])
             .env(CHILD_ENV, "1");
         if let Some(uid) = uid {
-            // SAFETY: the closure only makes async-signal-safe syscalls.
-            unsafe {
-                cmd.pre_exec(move || {
-                    if libc::setgroups(0, std::ptr::null()) != 0
-                        || libc::setgid(uid) != 0
-                        || libc::setuid(uid) != 0
-                    {
-                        return Err(io::Error::last_os_error());
-                    }
-                    Ok(())
-                });
-            }
+            // Set in the child before exec: the group, then the user, and
+            // (as we are root) no supplementary groups are kept.
+            cmd.gid(uid).uid(uid);
         }
         let out = cmd.output().unwrap();
         let stdout = String::from_utf8_lossy(&out.stdout);
@@ -808,19 +716,15 @@ mod tests {
     fn build_chain(top: &Path, depth: usize) {
         let mut cur = open_path(top).unwrap();
         for level in 0..depth {
-            // SAFETY: `cur` is open and the names are NUL-terminated.
-            unsafe {
-                assert_eq!(libc::mkdirat(cur.as_raw_fd(), c"d".as_ptr(), 0o755), 0);
-                if level % 1000 == 0 {
-                    let fd = libc::openat(
-                        cur.as_raw_fd(),
-                        c"f".as_ptr(),
-                        libc::O_WRONLY | libc::O_CREAT | libc::O_CLOEXEC,
-                        0o644,
-                    );
-                    assert!(fd >= 0);
-                    libc::close(fd);
-                }
+            rustix::fs::mkdirat(&cur, c"d", Mode::from_raw_mode(0o755)).unwrap();
+            if level % 1000 == 0 {
+                rustix::fs::openat(
+                    &cur,
+                    c"f",
+                    OFlags::WRONLY | OFlags::CREATE | OFlags::CLOEXEC,
+                    Mode::from_raw_mode(0o644),
+                )
+                .unwrap();
             }
             cur = open_at(&cur, c"d").unwrap();
         }
@@ -844,9 +748,12 @@ mod tests {
             symlink(&outside, tree.join("a/b/c/dirlink")).unwrap();
             symlink(outside.join("keep"), tree.join("a/filelink")).unwrap();
             symlink("/nonexistent/latd", tree.join("a/b/dangling")).unwrap();
-            let fifo = CString::new(tree.join("a/fifo").as_os_str().as_bytes()).unwrap();
-            // SAFETY: `fifo` is a valid NUL-terminated path.
-            assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o644) }, 0);
+            rustix::fs::mkfifoat(
+                rustix::fs::CWD,
+                tree.join("a/fifo"),
+                Mode::from_raw_mode(0o644),
+            )
+            .unwrap();
             fs::set_permissions(tree.join("a/b"), fs::Permissions::from_mode(0o700)).unwrap();
 
             remove_tree_with(&tree, mode, None).unwrap();
@@ -917,21 +824,14 @@ mod tests {
                 }
                 placeholders.push(f);
             }
-            let mut saved = MaybeUninit::<libc::rlimit>::uninit();
-            // SAFETY: `saved` points to writable memory of the right type.
-            let ret = unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, saved.as_mut_ptr()) };
-            assert_eq!(ret, 0);
-            // SAFETY: getrlimit succeeded, so it filled `saved`.
-            let saved = unsafe { saved.assume_init() };
-            let tight = libc::rlimit {
-                rlim_cur: (highest + 1 + SPARE) as libc::rlim_t,
-                rlim_max: saved.rlim_max,
+            let saved = getrlimit(Resource::Nofile);
+            let tight = Rlimit {
+                current: Some((highest + 1 + SPARE) as u64),
+                maximum: saved.maximum,
             };
-            // SAFETY: `tight` is a valid rlimit.
-            assert_eq!(unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &tight) }, 0);
+            setrlimit(Resource::Nofile, tight).unwrap();
             let result = remove_tree_with(&tree, mode, None);
-            // SAFETY: `saved` is the valid rlimit we read above.
-            assert_eq!(unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &saved) }, 0);
+            setrlimit(Resource::Nofile, saved).unwrap();
             drop(placeholders);
 
             assert_eq!(result, Ok(()), "{mode:?}");
@@ -973,11 +873,8 @@ mod tests {
 
     impl Drop for Mount {
         fn drop(&mut self) {
-            let c = CString::new(self.0.as_os_str().as_bytes()).unwrap();
-            // SAFETY: `c` is a valid NUL-terminated path.
-            if unsafe { libc::umount2(c.as_ptr(), 0) } != 0 {
-                // SAFETY: as above.
-                unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
+            if unmount(&self.0, UnmountFlags::empty()).is_err() {
+                let _ = unmount(&self.0, UnmountFlags::DETACH);
             }
         }
     }
@@ -1050,8 +947,7 @@ mod tests {
                 skipped("a_bind_mount...: this kernel refused a bind mount");
                 return;
             };
-            if mode == Resolve::Portable && mount_id(open_path(&mnt).unwrap().as_raw_fd()).is_none()
-            {
+            if mode == Resolve::Portable && mount_id_of(open_path(&mnt).unwrap()).is_none() {
                 skipped("a_bind_mount... (openat only): no statx mount ids");
                 continue;
             }
