@@ -714,3 +714,263 @@ fn write_over(f: &File, data: &[u8], flush: bool) -> io::Result<()> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::{symlink, FileTypeExt, PermissionsExt};
+    use std::path::PathBuf;
+
+    /// A fresh directory under the system's temporary directory, removed
+    /// on drop.
+    struct TempDir(PathBuf);
+
+    impl TempDir {
+        fn new(tag: &str) -> TempDir {
+            let n = TMP_COUNTER.fetch_add(1, Ordering::Relaxed);
+            let p =
+                std::env::temp_dir().join(format!("latd-fsutil-{tag}-{}-{n}", std::process::id()));
+            fs::create_dir_all(&p).unwrap();
+            TempDir(p.canonicalize().unwrap())
+        }
+
+        fn path(&self) -> &Path {
+            &self.0
+        }
+    }
+
+    impl Drop for TempDir {
+        fn drop(&mut self) {
+            let _ = fs::remove_dir_all(&self.0);
+        }
+    }
+
+    fn os_error(e: &io::Error) -> Option<Errno> {
+        Errno::from_io_error(e)
+    }
+
+    /// Each component is opened without following a symlink: a directory
+    /// of the path swapped for a symlink to elsewhere is refused.
+    #[test]
+    fn open_dir_beneath_follows_no_symlink_on_the_way() {
+        let d = TempDir::new("beneath");
+        let base = d.path();
+        fs::create_dir_all(base.join("outside/inner")).unwrap();
+        fs::create_dir_all(base.join("ws/a/b")).unwrap();
+        symlink(base.join("outside"), base.join("ws/link")).unwrap();
+
+        let b = open_dir_beneath(base, &base.join("ws/a/./b")).unwrap();
+        assert_eq!(
+            b.metadata().unwrap().ino(),
+            fs::metadata(base.join("ws/a/b")).unwrap().ino()
+        );
+        let e = open_dir_beneath(base, &base.join("ws/link/inner")).unwrap_err();
+        assert!(
+            matches!(os_error(&e), Some(Errno::LOOP | Errno::NOTDIR)),
+            "{e}"
+        );
+        let e = open_dir_beneath(base, &base.join("ws/missing")).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::NotFound);
+        let e = open_dir_beneath(&base.join("ws"), &base.join("outside")).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::InvalidInput);
+        let e = open_dir_beneath(base, &base.join("ws/a/../../outside")).unwrap_err();
+        assert!(e.to_string().contains("is not a plain path under"), "{e}");
+        // The base itself may not be a symlink either.
+        let e = open_dir_beneath(&base.join("ws/link"), &base.join("ws/link/inner")).unwrap_err();
+        assert!(
+            matches!(os_error(&e), Some(Errno::LOOP | Errno::NOTDIR)),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn ensure_subdir_at_makes_it_0775_and_refuses_a_symlink() {
+        let d = TempDir::new("subdir");
+        let dir = open_dir_nofollow(d.path()).unwrap();
+        let sub = ensure_subdir_at(&dir, "log").unwrap();
+        let md = sub.metadata().unwrap();
+        assert!(md.is_dir());
+        assert_eq!(md.permissions().mode() & 0o7777, 0o775);
+        // Already there: opened as it is.
+        fs::set_permissions(d.path().join("log"), fs::Permissions::from_mode(0o700)).unwrap();
+        let again = ensure_subdir_at(&dir, "log").unwrap();
+        assert_eq!(again.metadata().unwrap().ino(), md.ino());
+        assert_eq!(
+            again.metadata().unwrap().permissions().mode() & 0o7777,
+            0o700
+        );
+
+        fs::create_dir(d.path().join("elsewhere")).unwrap();
+        symlink(d.path().join("elsewhere"), d.path().join("out")).unwrap();
+        let e = ensure_subdir_at(&dir, "out").unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "out is not a directory (a symlink?); remove it"
+        );
+        fs::write(d.path().join("file"), "x").unwrap();
+        let e = ensure_subdir_at(&dir, "file").unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "file is not a directory (a symlink?); remove it"
+        );
+
+        // As root, a new one gets the owner of the directory it is in.
+        if euid() == 0 {
+            let theirs = d.path().join("theirs");
+            fs::create_dir(&theirs).unwrap();
+            std::os::unix::fs::chown(&theirs, Some(65534), Some(65534)).unwrap();
+            let parent = open_dir_nofollow(&theirs).unwrap();
+            let sub = ensure_subdir_at(&parent, "log")
+                .unwrap()
+                .metadata()
+                .unwrap();
+            assert_eq!((sub.uid(), sub.gid()), (65534, 65534));
+            assert_eq!(
+                Owner::of_dir_when_root(&theirs),
+                Some(Owner {
+                    uid: 65534,
+                    gid: 65534
+                })
+            );
+        }
+    }
+
+    /// What was at the name is replaced, never written through: a symlink
+    /// there is unlinked and its target keeps its content.
+    #[test]
+    fn create_fresh_at_never_writes_through_a_symlink() {
+        let d = TempDir::new("fresh");
+        let target = d.path().join("precious");
+        fs::write(&target, "keep").unwrap();
+        symlink(&target, d.path().join("out.msg")).unwrap();
+        let dir = open_dir_nofollow(d.path()).unwrap();
+        let mut f = create_fresh_at(&dir, "out.msg", 0o640).unwrap();
+        f.write_all(b"new").unwrap();
+        drop(f);
+        assert_eq!(fs::read_to_string(&target).unwrap(), "keep");
+        let md = fs::symlink_metadata(d.path().join("out.msg")).unwrap();
+        assert!(md.is_file());
+        assert_eq!(fs::read_to_string(d.path().join("out.msg")).unwrap(), "new");
+        // The mode asked for, less the umask (never more).
+        assert_eq!(md.permissions().mode() & !0o640 & 0o7777, 0);
+        // And the descriptor is not inherited by programs we start.
+        let f = create_fresh_at(&dir, "out.msg", 0o640).unwrap();
+        let fl = rustix::io::fcntl_getfd(&f).unwrap();
+        assert!(fl.contains(rustix::io::FdFlags::CLOEXEC));
+    }
+
+    #[test]
+    fn unlink_rename_and_read_link_at_work_through_the_descriptor() {
+        let d = TempDir::new("at");
+        let dir = open_dir_nofollow(d.path()).unwrap();
+        fs::write(d.path().join("a"), "x").unwrap();
+        rename_at(&dir, "a", "b").unwrap();
+        assert!(d.path().join("b").exists() && !d.path().join("a").exists());
+        let e = rename_at(&dir, "a", "c").unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::NotFound);
+
+        unlink_at(&dir, "b").unwrap();
+        assert!(!d.path().join("b").exists());
+        // Already gone is done; a directory is not unlinked.
+        unlink_at(&dir, "b").unwrap();
+        fs::create_dir(d.path().join("sub")).unwrap();
+        let e = unlink_at(&dir, "sub").unwrap_err();
+        assert_eq!(os_error(&e), Some(Errno::ISDIR));
+
+        symlink("log.appsdk_1700000000", d.path().join("log.appsdk")).unwrap();
+        assert_eq!(
+            read_link_at(&dir, "log.appsdk").unwrap(),
+            "log.appsdk_1700000000"
+        );
+        let long = "x".repeat(4000);
+        symlink(&long, d.path().join("long")).unwrap();
+        assert_eq!(read_link_at(&dir, "long").unwrap(), long.as_str());
+        let e = read_link_at(&dir, "sub").unwrap_err();
+        assert_eq!(os_error(&e), Some(Errno::INVAL));
+
+        // A NUL byte in a name is refused before any system call.
+        for e in [
+            unlink_at(&dir, "a\0b").unwrap_err(),
+            rename_at(&dir, "b", "a\0b").unwrap_err(),
+            read_link_at(&dir, "a\0b").unwrap_err(),
+            ensure_subdir_at(&dir, "a\0b").unwrap_err(),
+            create_fresh_at(&dir, "a\0b", 0o600).unwrap_err(),
+        ] {
+            assert_eq!(e.kind(), io::ErrorKind::InvalidInput);
+            assert_eq!(e.to_string(), "name has a NUL byte");
+        }
+    }
+
+    /// The SDK's symlink to a file beside it is followed, that one step;
+    /// a symlink elsewhere and a FIFO are refused (without blocking).
+    #[test]
+    fn open_log_at_follows_one_symlink_beside_it_only() {
+        let d = TempDir::new("log");
+        let dir = open_dir_nofollow(d.path()).unwrap();
+        fs::write(d.path().join("log.appsdk_1"), "line\n").unwrap();
+        symlink("log.appsdk_1", d.path().join("log.appsdk")).unwrap();
+        let (mut f, name) = open_log_at(&dir, "log.appsdk").unwrap();
+        assert_eq!(name, "log.appsdk_1");
+        let mut text = String::new();
+        f.read_to_string(&mut text).unwrap();
+        assert_eq!(text, "line\n");
+        let (_, path) = open_log(&d.path().join("log.appsdk")).unwrap();
+        assert_eq!(path, d.path().join("log.appsdk_1"));
+
+        fs::write(d.path().join("secret"), "x").unwrap();
+        for (link, to) in [
+            ("abs", d.path().join("secret")),
+            ("up", PathBuf::from("../secret")),
+            ("sub", PathBuf::from("sub/secret")),
+        ] {
+            symlink(&to, d.path().join(link)).unwrap();
+            let e = open_log_at(&dir, link).unwrap_err();
+            assert_eq!(e.kind(), io::ErrorKind::InvalidInput, "{link}");
+            assert!(e.to_string().ends_with("not to a file beside it; refused"));
+        }
+        // Two steps: the second symlink is not followed.
+        symlink("log.appsdk", d.path().join("twice")).unwrap();
+        let e = open_log_at(&dir, "twice").unwrap_err();
+        assert_eq!(os_error(&e), Some(Errno::LOOP));
+
+        assert!(ensure_fifo(&d.path().join("fifo")).unwrap());
+        let e = open_log_at(&dir, "fifo").unwrap_err();
+        assert_eq!(e.to_string(), "not a regular file");
+        let e = open_regular_at(&dir, std::ffi::OsStr::new("fifo")).unwrap_err();
+        assert_eq!(e.to_string(), "not a regular file");
+    }
+
+    #[test]
+    fn ensure_fifo_makes_one_once_and_replaces_a_file() {
+        let d = TempDir::new("fifo");
+        let p = d.path().join("wake");
+        fs::write(&p, "x").unwrap();
+        assert!(ensure_fifo(&p).unwrap());
+        let md = fs::symlink_metadata(&p).unwrap();
+        assert!(md.file_type().is_fifo());
+        assert_eq!(md.permissions().mode() & !0o600 & 0o7777, 0);
+        assert!(!ensure_fifo(&p).unwrap());
+        let f = open_fifo(&p, None).unwrap();
+        assert_eq!(f.metadata().unwrap().permissions().mode() & 0o7777, 0o622);
+        poke(&p);
+
+        let e = ensure_fifo(&d.path().join("a\0b")).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::InvalidInput);
+        let e = ensure_fifo(&d.path().join("missing/wake")).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::NotFound);
+    }
+
+    #[test]
+    fn euid_and_attribute_refresh() {
+        let d = TempDir::new("owner");
+        // A file we make is owned by our effective user.
+        assert_eq!(euid(), d.path().metadata().unwrap().uid());
+        // Ours, whether root or not: nobody else to hand files to.
+        assert_eq!(Owner::of_dir_when_root(d.path()), None);
+        // Best effort, whatever the path.
+        fs::write(d.path().join("f"), "x").unwrap();
+        refresh_attributes(&d.path().join("f"));
+        refresh_attributes(&d.path().join("missing"));
+        refresh_attributes(Path::new("a\0b"));
+    }
+}

@@ -1079,6 +1079,30 @@ mod tests {
         }
         fs::set_permissions(&ro, fs::Permissions::from_mode(0o755)).unwrap();
         remove_tree(&tree).unwrap();
+
+        // A directory that may be read but not searched: it is listed (the
+        // listing needs only read permission), and what fails is removing
+        // the file in it, which is what the error names.
+        let tree = top.join("deploy");
+        let ro = tree.join("old");
+        fs::create_dir_all(&ro).unwrap();
+        let f = ro.join("image.iso");
+        fs::write(&f, "x").unwrap();
+        fs::set_permissions(&ro, fs::Permissions::from_mode(0o444)).unwrap();
+        for mode in MODES {
+            let err = remove_tree_with(&tree, mode, None).unwrap_err();
+            assert_eq!(
+                err,
+                format!(
+                    "cannot remove {}: Permission denied (os error 13)",
+                    f.display()
+                ),
+                "{mode:?}"
+            );
+        }
+        fs::set_permissions(&ro, fs::Permissions::from_mode(0o755)).unwrap();
+        assert!(f.exists());
+        remove_tree(&tree).unwrap();
     }
 
     /// Another thread keeps swapping directories of the tree for symlinks to
@@ -1136,5 +1160,121 @@ mod tests {
                 assert!(fs::symlink_metadata(&tree).is_err());
             }
         }
+    }
+
+    /// One level down, in either mode: a symlink is not a directory to
+    /// enter, a missing name is gone, a directory opens with its identity.
+    /// Where the kernel has openat2, `Auto` uses it: `..` is then refused
+    /// (RESOLVE_BENEATH), which the portable openat would open.
+    #[test]
+    fn opening_one_level_follows_no_symlink_and_stays_beneath() {
+        let d = TempDir::new("open");
+        let outside = d.path().join("outside");
+        fs::create_dir(&outside).unwrap();
+        let tree = d.path().join("tree");
+        fs::create_dir_all(tree.join("sub")).unwrap();
+        fs::write(tree.join("file"), "x").unwrap();
+        symlink(&outside, tree.join("link")).unwrap();
+        let dir = open_path(&tree).unwrap();
+        let id = identify(&dir).unwrap();
+        for mode in MODES {
+            let walk = Walk {
+                root: &tree,
+                resolve: mode,
+                retries: 0,
+            };
+            let open = |name: &CStr| {
+                walk.open_dir(&dir, name, &id, || {
+                    tree.join(OsStr::from_bytes(name.to_bytes()))
+                })
+            };
+            assert!(matches!(open(c"link"), Ok(Open::NotDir)), "{mode:?}");
+            assert!(matches!(open(c"file"), Ok(Open::NotDir)), "{mode:?}");
+            assert!(matches!(open(c"missing"), Ok(Open::Gone)), "{mode:?}");
+            let Ok(Open::Dir(fd, sub)) = open(c"sub") else {
+                panic!("{mode:?}: sub did not open as a directory");
+            };
+            let st = fs::metadata(tree.join("sub")).unwrap();
+            use std::os::unix::fs::MetadataExt;
+            assert_eq!((sub.dev, sub.ino), (st.dev(), st.ino()), "{mode:?}");
+            assert!(!sub.crosses_from(&id), "{mode:?}");
+            assert!(identify(&fd).unwrap().same_dir(&sub), "{mode:?}");
+        }
+        assert!(open_at(&dir, c"..").is_ok());
+        match open_beneath(&dir, c"..") {
+            Err(Errno::XDEV) => {}
+            Ok(_) if NO_OPENAT2.load(Ordering::Relaxed) => {
+                skipped("opening_one_level... (openat2): not available here");
+            }
+            Ok(_) => panic!("openat2 opened .. though RESOLVE_BENEATH was asked"),
+            Err(e) => panic!("openat2 of ..: {e}"),
+        }
+    }
+
+    /// Every entry, with its kind (or Unknown, where the file system does
+    /// not tell), and from the start each time: the listing reads through
+    /// a duplicate, which shares its offset with the descriptor.
+    #[test]
+    fn a_listing_has_every_entry_with_its_kind_each_time() {
+        let d = TempDir::new("list");
+        fs::create_dir(d.path().join("dir")).unwrap();
+        fs::write(d.path().join("file"), "").unwrap();
+        symlink("dir", d.path().join("link")).unwrap();
+        let fd = open_path(d.path()).unwrap();
+        let mut first = list(&fd).unwrap();
+        let mut again = list(&fd).unwrap();
+        first.sort_by(|a, b| a.0.cmp(&b.0));
+        again.sort_by(|a, b| a.0.cmp(&b.0));
+        assert_eq!(first, again);
+        let names: Vec<&[u8]> = first.iter().map(|(n, _)| n.to_bytes()).collect();
+        assert_eq!(names, [&b"dir"[..], b"file", b"link"]);
+        assert!(matches!(first[0].1, Kind::Dir | Kind::Unknown), "{first:?}");
+        assert!(
+            matches!(first[1].1, Kind::Other | Kind::Unknown),
+            "{first:?}"
+        );
+        assert!(
+            matches!(first[2].1, Kind::Other | Kind::Unknown),
+            "{first:?}"
+        );
+        assert!(is_directory(&stat_at(&fd, c"dir").unwrap()));
+        assert!(
+            !is_directory(&stat_at(&fd, c"link").unwrap()),
+            "lstat followed"
+        );
+        assert_eq!(stat_at(&fd, c"missing").unwrap_err(), Errno::NOENT);
+        // Unlinking what is already gone is done.
+        unlink_at(&fd, c"missing", AtFlags::empty()).unwrap();
+        assert_eq!(
+            unlink_at(&fd, c"dir", AtFlags::empty()).unwrap_err(),
+            Errno::ISDIR
+        );
+    }
+
+    /// Mount ids: one for the same mount, through either entry point;
+    /// another for a mount below (as root).
+    #[test]
+    fn mount_ids_tell_mounts_apart() {
+        let d = TempDir::new("mntid");
+        fs::create_dir(d.path().join("sub")).unwrap();
+        let fd = open_path(d.path()).unwrap();
+        let Some(here) = mount_id_of(&fd) else {
+            skipped("mount_ids_tell_mounts_apart: no statx mount ids");
+            return;
+        };
+        assert_eq!(mount_id(fd.as_raw_fd()), Some(here));
+        assert_eq!(mount_id(-1), None);
+        assert_eq!(mount_id_of(open_at(&fd, c"sub").unwrap()), Some(here));
+        if !is_root() {
+            skipped("mount_ids_tell_mounts_apart (a mount below): needs root");
+            return;
+        }
+        let mnt = d.path().join("mnt");
+        let Some(_guard) = Mount::new(&["-t", "tmpfs", "-o", "size=64k", "none"], &mnt) else {
+            skipped("mount_ids_tell_mounts_apart: this kernel refused a tmpfs mount");
+            return;
+        };
+        let below = mount_id_of(open_path(&mnt).unwrap());
+        assert!(below.is_some_and(|m| m != here), "{below:?} vs {here}");
     }
 }
