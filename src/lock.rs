@@ -25,6 +25,9 @@ use std::os::fd::AsRawFd;
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::Path;
 
+use rustix::fs::OFlags;
+use rustix::io::Errno;
+
 /// Our addition: written by a latd that waits for the lock (a standby, or
 /// one whose filesystem does not grant it yet), so clients can say why no
 /// daemon answers. Removed when it takes the lock.
@@ -60,41 +63,76 @@ pub enum Probe {
     Unknown,
 }
 
-fn whole_file(kind: i32) -> libc::flock {
-    // SAFETY: flock is plain data; all-zero is a valid value.
-    let mut fl: libc::flock = unsafe { std::mem::zeroed() };
-    fl.l_type = kind as libc::c_short;
-    fl.l_whence = libc::SEEK_SET as libc::c_short;
-    fl.l_start = 0;
-    fl.l_len = 0;
-    fl
+/// How a lock test finds the file (what `F_OFD_GETLK` leaves in `l_type`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Holder {
+    /// A write lock would be stopped by a write lock: another latd's.
+    Writer,
+    /// ... by a read lock: planted by a client.
+    Reader,
+    /// Nothing would stop it.
+    Nobody,
 }
 
-/// The kind of lock (`F_WRLCK`, `F_RDLCK`) that would stop a write lock on
-/// `f`, or `F_UNLCK` if none would. Takes nothing.
-fn conflicting(f: &File) -> io::Result<i32> {
-    let mut fl = whole_file(libc::F_WRLCK);
-    // SAFETY: valid fd and a valid flock struct.
-    if unsafe { libc::fcntl(f.as_raw_fd(), libc::F_OFD_GETLK, &mut fl) } != 0 {
+/// `fcntl(f, cmd, whole file of kind)` for an open-file-description lock
+/// command (`F_OFD_GETLK`, `F_OFD_SETLK`); returns the `l_type` the kernel
+/// leaves in the struct.
+///
+/// The one system call here without a safe wrapper: std's
+/// `File::try_lock` is `flock(2)`, which on a local Linux filesystem does
+/// not meet `fcntl` locks at all (so the latc probes already deployed,
+/// which test with `F_OFD_GETLK`, would find a daemon's lock free) and
+/// cannot say whether a conflicting lock is a read or a write lock (which
+/// is how a planted lock is told from another latd). rustix's
+/// `fcntl_lock`/`fcntl_getlk` are `F_SETLK`/`F_GETLK`: locks owned by the
+/// process, not the descriptor, so closing any descriptor of the file in
+/// latd drops them, and a process never conflicts with itself; and its
+/// `fcntl_getlk` debug-asserts on the `l_pid` of -1 that Linux reports for
+/// an OFD lock. rustix 1.x has no OFD lock call.
+fn ofd_fcntl(f: &File, cmd: libc::c_int, kind: libc::c_int) -> io::Result<libc::c_int> {
+    // SAFETY: flock is plain data, for which all-zero is a valid value;
+    // `f` keeps the descriptor open for the call, and these two commands
+    // only read and write the one struct they are given.
+    let (r, fl) = unsafe {
+        let mut fl: libc::flock = std::mem::zeroed();
+        fl.l_type = kind as libc::c_short;
+        fl.l_whence = libc::SEEK_SET as libc::c_short;
+        (libc::fcntl(f.as_raw_fd(), cmd, &mut fl), fl)
+    };
+    if r != 0 {
         return Err(io::Error::last_os_error());
     }
-    Ok(fl.l_type as i32)
+    Ok(fl.l_type.into())
+}
+
+/// Which kind of lock would stop a write lock on `f`, if any. Takes
+/// nothing.
+fn conflicting(f: &File) -> io::Result<Holder> {
+    match ofd_fcntl(f, libc::F_OFD_GETLK, libc::F_WRLCK)? {
+        libc::F_WRLCK => Ok(Holder::Writer),
+        libc::F_RDLCK => Ok(Holder::Reader),
+        libc::F_UNLCK => Ok(Holder::Nobody),
+        other => Err(io::Error::other(format!(
+            "F_OFD_GETLK reported lock type {other}"
+        ))),
+    }
 }
 
 /// Takes a write lock on `f` without waiting; `Ok(false)` if another holds
 /// a conflicting one.
 fn try_write_lock(f: &File) -> io::Result<bool> {
-    let fl = whole_file(libc::F_WRLCK);
-    // SAFETY: valid fd and a valid flock struct.
-    if unsafe { libc::fcntl(f.as_raw_fd(), libc::F_OFD_SETLK, &fl) } == 0 {
-        return Ok(true);
-    }
-    let e = io::Error::last_os_error();
-    match e.raw_os_error() {
-        Some(libc::EAGAIN) | Some(libc::EACCES) => Ok(false),
-        _ => Err(e),
+    match ofd_fcntl(f, libc::F_OFD_SETLK, libc::F_WRLCK) {
+        Ok(_) => Ok(true),
+        Err(e) => match Errno::from_io_error(&e) {
+            Some(Errno::AGAIN | Errno::ACCESS) => Ok(false),
+            _ => Err(e),
+        },
     }
 }
+
+/// How the lock file is opened: never through a symlink, and never
+/// waiting on a FIFO planted at its name.
+const OPEN_FLAGS: i32 = (OFlags::NOFOLLOW.bits() | OFlags::NONBLOCK.bits()) as i32;
 
 /// The uid that files latd creates in `dir` get (root squashed to nobody on
 /// some NFS exports): a file with another owner is not latd's own.
@@ -109,8 +147,7 @@ pub fn own_uid(dir: &Path) -> u32 {
     let _ = fs::remove_file(&tmp);
     match made {
         Ok(md) => md.uid(),
-        // SAFETY: geteuid has no preconditions.
-        Err(_) => unsafe { libc::geteuid() },
+        Err(_) => rustix::process::geteuid().as_raw(),
     }
 }
 
@@ -198,7 +235,7 @@ pub fn try_take(dir: &Path, uid: u32) -> io::Result<Attempt> {
         let opened = OpenOptions::new()
             .read(true)
             .write(true)
-            .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+            .custom_flags(OPEN_FLAGS)
             .open(&path);
         let f = match opened {
             Ok(f) => f,
@@ -208,7 +245,7 @@ pub fn try_take(dir: &Path, uid: u32) -> io::Result<Attempt> {
                     .write(true)
                     .create_new(true)
                     .mode(0o644)
-                    .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+                    .custom_flags(OPEN_FLAGS)
                     .open(&path)
                 {
                     Ok(f) => {
@@ -240,13 +277,13 @@ pub fn try_take(dir: &Path, uid: u32) -> io::Result<Attempt> {
         }
         if !try_write_lock(&f)? {
             match conflicting(&f)? {
-                libc::F_WRLCK => return Ok(Attempt::HeldByDaemon),
-                libc::F_RDLCK => {
+                Holder::Writer => return Ok(Attempt::HeldByDaemon),
+                Holder::Reader => {
                     drop(f);
                     set_aside(dir, "a client holds a lock on it")?;
                 }
                 // Released meanwhile: try again.
-                _ => {}
+                Holder::Nobody => {}
             }
             continue;
         }
@@ -307,7 +344,7 @@ fn locks_reliable(f: &File) -> bool {
 pub fn probe(channel: &Path) -> Probe {
     let Ok(f) = OpenOptions::new()
         .read(true)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .custom_flags(OPEN_FLAGS)
         .open(channel.join(protocol::LOCK_FILE))
     else {
         return Probe::Unknown;
@@ -316,9 +353,9 @@ pub fn probe(channel: &Path) -> Probe {
         return Probe::Unknown;
     }
     match conflicting(&f) {
-        Ok(libc::F_WRLCK) => Probe::Held,
-        Ok(libc::F_UNLCK) => Probe::Free,
-        _ => Probe::Unknown,
+        Ok(Holder::Writer) => Probe::Held,
+        Ok(Holder::Nobody) => Probe::Free,
+        Ok(Holder::Reader) | Err(_) => Probe::Unknown,
     }
 }
 
