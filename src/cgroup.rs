@@ -14,10 +14,12 @@
 
 use std::fs;
 use std::io::{self, Write};
-use std::os::fd::{AsRawFd, RawFd};
-use std::os::unix::fs::OpenOptionsExt;
+use std::os::fd::{AsRawFd, BorrowedFd, RawFd};
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
+
+use rustix::io::Errno;
+use rustix::process::{Pid, Signal};
 
 /// Where latd's own cgroup lies in the cgroup2 hierarchy, if it has one.
 fn base() -> Option<&'static Path> {
@@ -73,9 +75,9 @@ impl BuildCgroup {
             log::debug!("no cgroup for build {id} ({}): {e}", dir.display());
             return None;
         }
+        // std opens every file close-on-exec: the build does not inherit it.
         match fs::OpenOptions::new()
             .write(true)
-            .custom_flags(libc::O_CLOEXEC)
             .open(dir.join("cgroup.procs"))
         {
             Ok(procs) => Some(BuildCgroup { dir, procs }),
@@ -91,6 +93,19 @@ impl BuildCgroup {
     /// to it (async-signal-safe, for `pre_exec`).
     pub fn procs_fd(&self) -> RawFd {
         self.procs.as_raw_fd()
+    }
+
+    /// What a child runs in `pre_exec` to move itself in before exec: a
+    /// `write(2)` of "0" to its own duplicate of `cgroup.procs`, which it
+    /// owns, so unlike [`join`] it needs no descriptor kept open by the
+    /// caller. Async-signal-safe: no allocation, only the write. A failed
+    /// write leaves the build outside the cgroup, as [`join`] does.
+    pub fn joiner(&self) -> io::Result<impl FnMut() -> io::Result<()> + Send + Sync + 'static> {
+        let procs = self.procs.try_clone()?;
+        Ok(move || {
+            let _ = (&procs).write_all(b"0");
+            Ok(())
+        })
     }
 
     /// The processes in the cgroup now.
@@ -131,9 +146,10 @@ fn kill_dir(dir: &Path) {
         .open(dir.join("cgroup.kill"))
         .and_then(|mut f| f.write_all(b"1"));
     if killed.is_err() {
-        for pid in pids_in(dir) {
-            // SAFETY: kill has no memory effects.
-            unsafe { libc::kill(pid, libc::SIGKILL) };
+        // Only positive pids: kill(0) or kill(-1) would reach far beyond.
+        let pids = pids_in(dir).into_iter().filter(|&p| p > 0);
+        for pid in pids.filter_map(Pid::from_raw) {
+            let _ = rustix::process::kill_process(pid, Signal::KILL);
         }
     }
 }
@@ -159,7 +175,7 @@ pub fn kill_leftovers(tag: &str) -> usize {
         // The kernel empties it at once, but the removal may race that.
         for _ in 0..50 {
             match fs::remove_dir(&dir) {
-                Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {
+                Err(e) if Errno::from_io_error(&e) == Some(Errno::BUSY) => {
                     std::thread::sleep(std::time::Duration::from_millis(20))
                 }
                 _ => break,
@@ -181,10 +197,12 @@ pub fn available() -> bool {
 
 /// Moves the calling process into the cgroup behind `fd` (see
 /// [`BuildCgroup::procs_fd`]). For `pre_exec`: only a `write(2)`.
+/// [`BuildCgroup::joiner`] does the same without a raw descriptor.
 pub fn join(fd: RawFd) -> io::Result<()> {
-    // SAFETY: write on a descriptor from a buffer of one byte.
-    unsafe {
-        libc::write(fd, b"0".as_ptr().cast(), 1);
-    }
+    // SAFETY: the caller passes the descriptor of `procs_fd`, which the
+    // BuildCgroup it holds keeps open for as long as the spawn lasts; it is
+    // borrowed for this one call only.
+    let procs = unsafe { BorrowedFd::borrow_raw(fd) };
+    let _ = rustix::io::write(procs, b"0");
     Ok(())
 }

@@ -13,6 +13,8 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime};
 
+use rustix::io::Errno;
+
 /// Where a reply goes.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum Slot {
@@ -224,14 +226,10 @@ type DirStamp = (u64, u64, i64, i64, i64, i64);
 /// Filesystems whose directory mtime is exact and immediate for every
 /// writer (not NFS, CIFS or FUSE, which cache attributes).
 pub(crate) fn is_local_fs(f: &fs::File) -> bool {
-    use std::os::fd::AsRawFd;
-    let mut st = std::mem::MaybeUninit::<libc::statfs>::zeroed();
-    // SAFETY: valid fd and a pointer to writable memory of the right type.
-    if unsafe { libc::fstatfs(f.as_raw_fd(), st.as_mut_ptr()) } != 0 {
+    let Ok(st) = rustix::fs::fstatfs(f) else {
         return false;
-    }
-    // SAFETY: fstatfs succeeded and filled it.
-    let kind = unsafe { st.assume_init() }.f_type as u64;
+    };
+    let kind = st.f_type as u64;
     const LOCAL: [u64; 5] = [
         0xEF53,      // ext2/3/4
         0x5846_5342, // xfs
@@ -1055,7 +1053,7 @@ impl Channel {
         let mut refused = false;
         for p in pending {
             let result = if refused {
-                Err(io::Error::from_raw_os_error(libc::ENOSPC))
+                Err(io::Error::from(Errno::NOSPC))
             } else {
                 self.write_reply(&p.slot, &p.text)
             };
@@ -1075,8 +1073,8 @@ impl Channel {
                 }
                 Err(e) => {
                     refused |= matches!(
-                        e.raw_os_error(),
-                        Some(libc::ENOSPC | libc::EROFS | libc::EDQUOT | libc::EACCES)
+                        Errno::from_io_error(&e),
+                        Some(Errno::NOSPC | Errno::ROFS | Errno::DQUOT | Errno::ACCESS)
                     );
                     self.pending.push(p);
                 }

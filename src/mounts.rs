@@ -169,15 +169,9 @@ fn unmount_exactly(root: &Path, m: &Mount) -> Result<(), String> {
     if mnt_id != Some(m.id) {
         return Err("the path no longer leads to that mount".into());
     }
-    let target = std::ffi::CString::new(format!("/proc/self/fd/{}", dir.as_raw_fd()))
-        .map_err(|e| e.to_string())?;
-    // SAFETY: a NUL-terminated path; umount2 has no memory effects.
-    let r = unsafe { libc::umount2(target.as_ptr(), libc::MNT_DETACH) };
-    if r == 0 {
-        Ok(())
-    } else {
-        Err(std::io::Error::last_os_error().to_string())
-    }
+    let target = format!("/proc/self/fd/{}", dir.as_raw_fd());
+    rustix::mount::unmount(target.as_str(), rustix::mount::UnmountFlags::DETACH)
+        .map_err(|e| std::io::Error::from(e).to_string())
 }
 
 #[cfg(test)]
