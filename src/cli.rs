@@ -81,14 +81,12 @@ pub fn out_bytes(bytes: &[u8]) {
 }
 
 /// Ends the process by SIGPIPE, the conventional end of a writer whose
-/// reader left (Rust ignores SIGPIPE, so it is restored first).
+/// reader left (Rust ignores SIGPIPE, so its default action is restored,
+/// and it is unblocked, before it is raised).
 pub fn die_of_sigpipe() -> ! {
-    // SAFETY: signal and raise have no memory effects.
-    unsafe {
-        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
-        libc::raise(libc::SIGPIPE);
-    }
-    std::process::exit(128 + libc::SIGPIPE);
+    use signal_hook::consts::SIGPIPE;
+    let _ = signal_hook::low_level::emulate_default_handler(SIGPIPE);
+    std::process::exit(128 + SIGPIPE);
 }
 
 /// Parses `T` from the process's arguments, with `--x=y` support; prints

@@ -10,7 +10,7 @@ use latd::client::{
 use latd::clock::{human_duration, iso8601, wall_now};
 use latd::machine::{BuildKind, BuildRecord, Millis, Outcome};
 use latd::protocol::{Action, Reply, ReplyResult, StatusDoc};
-use std::io::Write;
+use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -384,14 +384,14 @@ fn stdout_gone() -> ! {
 /// Whether stdout is a pipe whose reader has gone (seen before anything is
 /// written, so a quiet build is not waited for in vain).
 fn stdout_closed() -> bool {
-    let mut fd = libc::pollfd {
-        fd: 1,
-        events: 0,
-        revents: 0,
+    use rustix::event::{poll, PollFd, PollFlags, Timespec};
+    let stdout = std::io::stdout();
+    let mut fds = [PollFd::new(&stdout, PollFlags::empty())];
+    let now = Timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
     };
-    // SAFETY: one valid pollfd; a zero timeout never blocks.
-    let n = unsafe { libc::poll(&mut fd, 1, 0) };
-    n == 1 && fd.revents & libc::POLLERR != 0
+    poll(&mut fds, Some(&now)) == Ok(1) && fds[0].revents().contains(PollFlags::ERR)
 }
 
 fn main() {
@@ -401,8 +401,7 @@ fn main() {
         return;
     }
     cli::init_logging(args.debug, false, log::LevelFilter::Warn);
-    // SAFETY: isatty has no memory effects.
-    let tty = unsafe { libc::isatty(2) } == 1;
+    let tty = std::io::stderr().is_terminal();
     let out = Out {
         quiet: args.quiet,
         tty,
@@ -1034,7 +1033,7 @@ fn watch(
     out: &Out,
 ) -> Result<i32, ClientError> {
     let interrupted = Arc::new(AtomicBool::new(false));
-    let _ = signal_hook::flag::register(libc::SIGINT, Arc::clone(&interrupted));
+    let _ = signal_hook::flag::register(signal_hook::consts::SIGINT, Arc::clone(&interrupted));
     WATCHING.store(id.unwrap_or(0), Ordering::Relaxed);
     let mut follower: Option<LogFollower> = None;
     let mut stop_sent = false;
@@ -1168,14 +1167,10 @@ fn print_lines(lines: &[String]) {
 }
 
 fn terminal_width() -> usize {
-    // SAFETY: ioctl TIOCGWINSZ fills a winsize struct.
-    unsafe {
-        let mut ws: libc::winsize = std::mem::zeroed();
-        if libc::ioctl(2, libc::TIOCGWINSZ, &mut ws) == 0 && ws.ws_col > 0 {
-            return ws.ws_col as usize;
-        }
+    match rustix::termios::tcgetwinsize(std::io::stderr()) {
+        Ok(ws) if ws.ws_col > 0 => ws.ws_col.into(),
+        _ => 80,
     }
-    80
 }
 
 /// One clear line about how a build ended (and, for a build that failed

@@ -101,16 +101,20 @@ fn group_id(g: &str) -> Result<u32, String> {
         return Ok(n);
     }
     let name = std::ffi::CString::new(g).map_err(|_| format!("bad group name {g:?}"))?;
-    // SAFETY: getgrnam takes a NUL-terminated name; the result is read at
-    // once, before any other call could reuse it.
-    let gr = unsafe { libc::getgrnam(name.as_ptr()) };
-    if gr.is_null() {
-        return Err(format!(
+    // The group database (NSS: files, LDAP, ...) has no safe wrapper in std
+    // or rustix, so this is libc's getgrnam.
+    // SAFETY: getgrnam takes a NUL-terminated name and returns null or a
+    // valid entry, read here at once: latd has no other thread yet that
+    // could reuse the static storage it points into.
+    let gid = unsafe {
+        let gr = libc::getgrnam(name.as_ptr());
+        (!gr.is_null()).then(|| (*gr).gr_gid)
+    };
+    gid.ok_or_else(|| {
+        format!(
             "--channel-group {g}: no such group here (give its number: the builder's group need not exist in this container)"
-        ));
-    }
-    // SAFETY: gr is a valid group entry.
-    Ok(unsafe { (*gr).gr_gid })
+        )
+    })
 }
 
 fn settings(args: Args) -> Result<Settings, String> {
