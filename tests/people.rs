@@ -247,15 +247,27 @@ fn help_short_flags_typos_and_one_error_format() {
 #[test]
 fn arguments_that_are_not_utf8_are_refused_cleanly() {
     let bad = OsStr::from_bytes(b"/tmp/\xff.yaml");
-    for (bin, args) in [
-        (LATC, vec![OsStr::new("build"), OsStr::new("--file"), bad]),
-        (LATC, vec![bad]),
-        (LATD, vec![OsStr::new("--sdk"), bad]),
+    let mut glued = OsStr::new("--file=").to_os_string();
+    glued.push(bad);
+    for (bin, prog, args) in [
+        (
+            LATC,
+            "latc",
+            vec![OsStr::new("build"), OsStr::new("--file"), bad],
+        ),
+        (LATC, "latc", vec![glued.as_os_str(), OsStr::new("build")]),
+        (LATC, "latc", vec![bad]),
+        (LATD, "latd", vec![OsStr::new("--sdk"), bad]),
+        (LATD, "latd", vec![bad]),
     ] {
         let o = Command::new(bin).args(&args).output().unwrap();
-        assert_eq!(o.status.code(), Some(2), "{bin} {args:?}: {}", stderr(&o));
-        assert!(stderr(&o).contains("is not valid UTF-8"), "{}", stderr(&o));
-        assert!(!stderr(&o).contains("panicked"), "{}", stderr(&o));
+        let err = stderr(&o);
+        assert_eq!(o.status.code(), Some(2), "{bin} {args:?}: {err}");
+        assert!(err.starts_with(&format!("{prog}: error: ")), "{err}");
+        assert!(err.contains("is not valid UTF-8"), "{err}");
+        // The bad argument is named, in its lossy form.
+        assert!(err.contains("/tmp/\u{FFFD}.yaml"), "{err}");
+        assert!(!err.contains("panicked"), "{err}");
     }
 }
 
