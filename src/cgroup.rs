@@ -14,7 +14,6 @@
 
 use std::fs;
 use std::io::{self, Write};
-use std::os::fd::{AsRawFd, BorrowedFd, RawFd};
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
@@ -89,23 +88,10 @@ impl BuildCgroup {
         }
     }
 
-    /// The descriptor through which a child moves itself in: writing "0"
-    /// to it (async-signal-safe, for `pre_exec`).
-    pub fn procs_fd(&self) -> RawFd {
-        self.procs.as_raw_fd()
-    }
-
-    /// What a child runs in `pre_exec` to move itself in before exec: a
-    /// `write(2)` of "0" to its own duplicate of `cgroup.procs`, which it
-    /// owns, so unlike [`join`] it needs no descriptor kept open by the
-    /// caller. Async-signal-safe: no allocation, only the write. A failed
-    /// write leaves the build outside the cgroup, as [`join`] does.
-    pub fn joiner(&self) -> io::Result<impl FnMut() -> io::Result<()> + Send + Sync + 'static> {
-        let procs = self.procs.try_clone()?;
-        Ok(move || {
-            let _ = (&procs).write_all(b"0");
-            Ok(())
-        })
+    /// A descriptor through which a child moves itself in (see [`join`]),
+    /// its own, to move into a `pre_exec` closure.
+    pub fn procs_for_child(&self) -> io::Result<std::os::fd::OwnedFd> {
+        Ok(self.procs.try_clone()?.into())
     }
 
     /// The processes in the cgroup now.
@@ -195,14 +181,10 @@ pub fn available() -> bool {
     })
 }
 
-/// Moves the calling process into the cgroup behind `fd` (see
-/// [`BuildCgroup::procs_fd`]). For `pre_exec`: only a `write(2)`.
-/// [`BuildCgroup::joiner`] does the same without a raw descriptor.
-pub fn join(fd: RawFd) -> io::Result<()> {
-    // SAFETY: the caller passes the descriptor of `procs_fd`, which the
-    // BuildCgroup it holds keeps open for as long as the spawn lasts; it is
-    // borrowed for this one call only.
-    let procs = unsafe { BorrowedFd::borrow_raw(fd) };
+/// Moves the calling process into the cgroup whose `cgroup.procs` is
+/// `procs` (see [`BuildCgroup::procs_for_child`]). For `pre_exec`: one
+/// `write(2)`, async-signal-safe. A child that cannot move in runs outside
+/// the cgroup (its group and mark still find it), as where there is none.
+pub fn join(procs: &impl std::os::fd::AsFd) {
     let _ = rustix::io::write(procs, b"0");
-    Ok(())
 }

@@ -14,7 +14,6 @@ use crate::sdklog;
 use std::collections::{HashMap, VecDeque};
 use std::fs;
 use std::io::{self, Read};
-use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -81,10 +80,11 @@ impl Wakeup {
         rx.set_nonblocking(true)?;
         tx.set_nonblocking(true)?;
         let shutdown = Arc::new(AtomicBool::new(false));
-        for sig in [libc::SIGTERM, libc::SIGINT] {
+        use signal_hook::consts::{SIGCHLD, SIGINT, SIGTERM};
+        for sig in [SIGTERM, SIGINT] {
             signal_hook::flag::register(sig, Arc::clone(&shutdown))?;
         }
-        for sig in [libc::SIGTERM, libc::SIGINT, libc::SIGCHLD] {
+        for sig in [SIGTERM, SIGINT, SIGCHLD] {
             signal_hook::low_level::pipe::register(sig, tx.try_clone()?)?;
         }
         Ok(Wakeup {
@@ -119,34 +119,28 @@ impl Wakeup {
     /// Sleeps until a wake-up or `timeout`, then drains what woke us.
     /// Returns whether a signal (or a background job) woke us.
     fn wait(&mut self, timeout: Duration) -> bool {
-        let mut fds = vec![libc::pollfd {
-            fd: self.signal_rx.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        }];
+        use rustix::event::{PollFd, PollFlags, Timespec};
+        let mut fds = vec![PollFd::new(&self.signal_rx, PollFlags::IN)];
         if let Some(f) = &self.fifo {
-            fds.push(libc::pollfd {
-                fd: f.as_raw_fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            });
+            fds.push(PollFd::new(f, PollFlags::IN));
         }
-        let ms = timeout.as_millis().min(i32::MAX as u128) as i32;
-        // SAFETY: fds is a valid array of fds.len() pollfd structs.
-        unsafe {
-            libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, ms);
-        }
+        let timeout = Timespec::try_from(timeout).unwrap_or(Timespec {
+            tv_sec: i64::MAX,
+            tv_nsec: 0,
+        });
+        // EINTR (a signal) is a wake-up like any other.
+        let _ = rustix::event::poll(&mut fds, Some(&timeout));
         // Drain what woke us (only that: a quiet tick costs no read), and
         // boundedly: a client that writes without end must not keep the
         // loop here.
-        let signalled = fds[0].revents != 0;
+        let signalled = !fds[0].revents().is_empty();
+        let fifo_woke = fds.get(1).is_some_and(|p| !p.revents().is_empty());
+        drop(fds);
         if signalled {
             drain(&mut &self.signal_rx);
         }
-        if let (Some(f), Some(p)) = (self.fifo.as_ref(), fds.get(1)) {
-            if p.revents != 0 {
-                drain(&mut &*f);
-            }
+        if let (Some(f), true) = (self.fifo.as_ref(), fifo_woke) {
+            drain(&mut &*f);
         }
         signalled
     }
@@ -362,10 +356,7 @@ struct Daemon {
 /// Runs the daemon until SIGTERM/SIGINT. Returns an error only when it
 /// cannot start at all.
 pub fn run(settings: Settings) -> Result<(), String> {
-    // SAFETY: umask has no memory effects.
-    unsafe {
-        libc::umask(0o022);
-    }
+    rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o022));
     crate::fsutil::ensure_dir(&settings.workspace).map_err(|e| {
         format!(
             "cannot create workspace {}: {e}",

@@ -7,6 +7,7 @@ use crate::machine::{
 };
 use crate::mounts;
 use crate::sdklog::{self, LogWatch};
+use rustix::process::{waitpid, Pid, Signal, WaitOptions, WaitStatus};
 use std::collections::HashMap;
 use std::fs;
 use std::io;
@@ -106,7 +107,7 @@ fn yaml_for_sdk(sdk: &SdkConfig, build_id: u64, yaml: &Path) -> Result<PathBuf, 
         .write(true)
         .create_new(true)
         .mode(0o600)
-        .custom_flags(libc::O_NOFOLLOW)
+        .custom_flags(rustix::fs::OFlags::NOFOLLOW.bits() as i32)
         .open(&copy)
         .and_then(|mut out| out.write_all(&bytes))
         .map_err(|e| format!("cannot make the private copy {}: {e}", copy.display()))?;
@@ -177,16 +178,17 @@ fn prepare(
 
 /// Sets up `cmd` to run in the directory `dir` (entered by descriptor, not
 /// by path), with output to `out`, marked as latd's and as `job`, in a
-/// process group of its own.
+/// process group of its own, and in the build's `cgroup` if there is one.
 fn configure(
     cmd: &mut Command,
     dir: &fs::File,
     out: fs::File,
     sdk: &SdkConfig,
     job: &str,
+    cgroup: Option<&crate::cgroup::BuildCgroup>,
 ) -> io::Result<()> {
-    use std::os::fd::AsRawFd;
-    let dirfd = dir.as_raw_fd();
+    let dir = dir.try_clone()?;
+    let procs = cgroup.map(|cg| cg.procs_for_child()).transpose()?;
     let err = out.try_clone()?;
     cmd.stdin(Stdio::null())
         .stdout(out)
@@ -194,15 +196,16 @@ fn configure(
         .env(TAG_VAR, &sdk.tag)
         .env(JOB_VAR, job)
         .process_group(0);
-    // SAFETY: fchdir is async-signal-safe; `dir` outlives the spawn (the
-    // caller holds it), and the closure touches nothing else.
+    // SAFETY: the closure runs in the child between fork and exec, where
+    // only async-signal-safe calls are allowed: it makes two bare system
+    // calls through rustix (write, fchdir), with no allocation and no
+    // lock, on descriptors the closure owns (moved in).
     unsafe {
         cmd.pre_exec(move || {
-            if libc::fchdir(dirfd) == 0 {
-                Ok(())
-            } else {
-                Err(io::Error::last_os_error())
+            if let Some(procs) = &procs {
+                crate::cgroup::join(procs);
             }
+            Ok(rustix::process::fchdir(&dir)?)
         });
     }
     Ok(())
@@ -225,8 +228,6 @@ struct RunningBuild {
     log: LogWatch,
     leader_exit: Option<Exit>,
     exit_reported: bool,
-    /// SIGKILL was asked for: repeated until nothing of the build is left.
-    killing: bool,
     /// The build's own cgroup, where there is cgroup v2: its processes
     /// whatever they did to their session or environment. Removed with
     /// the build.
@@ -249,9 +250,9 @@ impl Processes {
     /// Makes the daemon the reaper of its descendants' orphans, so that a
     /// build process whose parent died is still ours to reap and to kill.
     pub fn become_subreaper() {
-        // SAFETY: prctl with these arguments has no memory effects.
-        unsafe {
-            libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0);
+        // Any pid turns the attribute on (None turns it off).
+        if let Err(e) = rustix::process::set_child_subreaper(Some(rustix::process::getpid())) {
+            log::warn!("cannot become the reaper of orphaned build processes: {e}");
         }
     }
 
@@ -270,7 +271,6 @@ impl Processes {
                     log,
                     leader_exit: None,
                     exit_reported: false,
-                    killing: false,
                     cgroup,
                 });
                 log::info!(
@@ -340,16 +340,15 @@ impl Processes {
                 });
             }
         }
-        configure(&mut cmd, &dir, console, sdk, &format!("build-{build_id}"))
-            .map_err(|e| format!("cannot set up the build: {e}"))?;
-        if let Some(cg) = cgroup {
-            let fd = cg.procs_fd();
-            // SAFETY: join only writes to a descriptor that outlives the
-            // spawn (the caller holds the cgroup).
-            unsafe {
-                cmd.pre_exec(move || crate::cgroup::join(fd));
-            }
-        }
+        configure(
+            &mut cmd,
+            &dir,
+            console,
+            sdk,
+            &format!("build-{build_id}"),
+            cgroup,
+        )
+        .map_err(|e| format!("cannot set up the build: {e}"))?;
         let child = cmd.spawn().map_err(|e| format!("cannot run bash: {e}"))?;
         let pid = child.id() as i32;
         // We reap with waitpid(-1); the Child handle is not needed.
@@ -375,9 +374,16 @@ impl Processes {
                     ". \"$0\" && exec appsdk exampleyamls --pkg-type external-debian",
                 ])
                 .arg(&sdk.env_script);
-                configure(&mut cmd, &dir, out, sdk, &format!("getyaml-{}", job.0))
-                    .and_then(|()| cmd.spawn())
-                    .map_err(|e| format!("cannot run appsdk exampleyamls: {e}"))
+                configure(
+                    &mut cmd,
+                    &dir,
+                    out,
+                    sdk,
+                    &format!("getyaml-{}", job.0),
+                    None,
+                )
+                .and_then(|()| cmd.spawn())
+                .map_err(|e| format!("cannot run appsdk exampleyamls: {e}"))
             },
         );
         match spawned {
@@ -398,8 +404,8 @@ impl Processes {
     /// still our descendants.
     pub fn signal(&mut self, build_id: u64, sig: Sig) {
         let (signo, name) = match sig {
-            Sig::Term => (libc::SIGTERM, "SIGTERM"),
-            Sig::Kill => (libc::SIGKILL, "SIGKILL"),
+            Sig::Term => (Signal::TERM, "SIGTERM"),
+            Sig::Kill => (Signal::KILL, "SIGKILL"),
         };
         let Some(pgid) = self
             .build
@@ -410,27 +416,16 @@ impl Processes {
             return;
         };
         log::info!("build {build_id}: sending {name} to process group {pgid}");
-        // SAFETY: killpg has no memory effects.
-        unsafe {
-            libc::killpg(pgid, signo);
-        }
+        kill_group(pgid, signo);
         if sig == Sig::Kill {
-            if let Some(b) = self.build.as_mut() {
-                b.killing = true;
-                if let Some(cg) = &b.cgroup {
-                    cg.kill();
-                }
+            if let Some(cg) = self.build.as_ref().and_then(|b| b.cgroup.as_ref()) {
+                cg.kill();
             }
         }
         for pid in self.build_processes(build_id) {
-            // SAFETY: getpgid and kill have no memory effects.
-            let group = unsafe { libc::getpgid(pid) };
-            if group != -1 && group != pgid {
+            if group_of(pid).is_some_and(|group| group != pgid) {
                 log::info!("build {build_id}: sending {name} to pid {pid}, outside its group");
-                // SAFETY: as above.
-                unsafe {
-                    libc::kill(pid, signo);
-                }
+                kill_pid(pid, signo);
             }
         }
     }
@@ -452,11 +447,9 @@ impl Processes {
         let mut found: Vec<i32> = descendants()
             .into_iter()
             .filter(|&pid| {
-                // SAFETY: getpgid has no memory effects.
-                let group = unsafe { libc::getpgid(pid) };
                 // A getyaml's group is never the build's, whatever its
                 // environment says (or cannot say, while it waits on disk).
-                !self.yaml_jobs.contains_key(&group)
+                !group_of(pid).is_some_and(|group| self.yaml_jobs.contains_key(&group))
                     && match job_of(pid) {
                         Some(job) => job == mine,
                         None => true,
@@ -470,18 +463,12 @@ impl Processes {
 
     /// Kills a getyaml job and everything it started.
     fn kill_job(&self, pid: i32, job: JobId) {
-        // SAFETY: killpg and kill have no memory effects; the job leads its
-        // group.
-        unsafe {
-            libc::killpg(pid, libc::SIGKILL);
-        }
+        // The job leads its group.
+        kill_group(pid, Signal::KILL);
         let mark = format!("getyaml-{}", job.0);
         for p in descendants() {
             if job_of(p).as_deref() == Some(mark.as_str()) {
-                // SAFETY: as above.
-                unsafe {
-                    libc::kill(p, libc::SIGKILL);
-                }
+                kill_pid(p, Signal::KILL);
             }
         }
     }
@@ -509,13 +496,8 @@ impl Processes {
     /// Reaps every exited child and reports what ended.
     pub fn reap(&mut self) -> Vec<Event> {
         let mut events = Vec::new();
-        loop {
-            let mut status = 0;
-            // SAFETY: status is a valid pointer.
-            let pid = unsafe { libc::waitpid(-1, &mut status, libc::WNOHANG) };
-            if pid <= 0 {
-                break;
-            }
+        while let Ok(Some((pid, status))) = waitpid(None, WaitOptions::NOHANG) {
+            let pid = pid.as_raw_nonzero().get();
             let exit = decode_status(status);
             if let Some(b) = self.build.as_mut().filter(|b| b.pgid == pid) {
                 b.leader_exit = Some(exit);
@@ -539,24 +521,11 @@ impl Processes {
             }
         }
         // Once the leader is gone, what is left of the build is looked for
-        // among our descendants too (they may have left the group); after a
-        // SIGKILL, whatever still lives (or was started since) gets another.
-        let leftovers = match &self.build {
-            Some(b) if b.leader_exit.is_some() => self.build_processes(b.build_id),
-            _ => Vec::new(),
+        // among our descendants too (they may have left the group).
+        let escapees = match &self.build {
+            Some(b) if b.leader_exit.is_some() => !self.build_processes(b.build_id).is_empty(),
+            _ => false,
         };
-        if let Some(b) = self.build.as_ref().filter(|b| b.killing) {
-            if !leftovers.is_empty() || group_alive(b.pgid) {
-                // SAFETY: killpg and kill have no memory effects.
-                unsafe {
-                    libc::killpg(b.pgid, libc::SIGKILL);
-                    for &pid in &leftovers {
-                        libc::kill(pid, libc::SIGKILL);
-                    }
-                }
-            }
-        }
-        let escapees = !leftovers.is_empty();
         if let Some(b) = self.build.as_mut() {
             if let Some(exit) = b.leader_exit {
                 let alive = group_alive(b.pgid) || escapees;
@@ -713,12 +682,31 @@ fn children_of(pid: i32) -> Vec<i32> {
     out
 }
 
-fn decode_status(status: i32) -> Exit {
-    if libc::WIFSIGNALED(status) {
-        Exit::Signal(libc::WTERMSIG(status))
-    } else {
-        Exit::Code(libc::WEXITSTATUS(status))
+fn decode_status(status: WaitStatus) -> Exit {
+    match status.terminating_signal() {
+        Some(signo) => Exit::Signal(signo),
+        None => Exit::Code(status.exit_status().unwrap_or(0)),
     }
+}
+
+/// Sends `sig` to process group `pgid`; one that is gone is no error.
+fn kill_group(pgid: i32, sig: Signal) {
+    if let Some(pgid) = Pid::from_raw(pgid) {
+        let _ = rustix::process::kill_process_group(pgid, sig);
+    }
+}
+
+/// Sends `sig` to process `pid`; one that is gone is no error.
+fn kill_pid(pid: i32, sig: Signal) {
+    if let Some(pid) = Pid::from_raw(pid) {
+        let _ = rustix::process::kill_process(pid, sig);
+    }
+}
+
+/// The process group of `pid`, if it still lives.
+fn group_of(pid: i32) -> Option<i32> {
+    let group = rustix::process::getpgid(Some(Pid::from_raw(pid)?)).ok()?;
+    Some(group.as_raw_nonzero().get())
 }
 
 pub fn describe_exit(exit: Exit) -> String {
@@ -730,9 +718,14 @@ pub fn describe_exit(exit: Exit) -> String {
 
 /// Does any process remain in group `pgid`?
 pub fn group_alive(pgid: i32) -> bool {
-    // SAFETY: kill with signal 0 only checks.
-    let r = unsafe { libc::kill(-pgid, 0) };
-    r == 0 || io::Error::last_os_error().raw_os_error() == Some(libc::EPERM)
+    let Some(pgid) = Pid::from_raw(pgid) else {
+        return false;
+    };
+    // EPERM: a member lives, under another user.
+    matches!(
+        rustix::process::test_kill_process_group(pgid),
+        Ok(()) | Err(rustix::io::Errno::PERM)
+    )
 }
 
 /// Field 22 of /proc/<pid>/stat: when the process started.
@@ -751,10 +744,7 @@ pub fn kill_tagged(tag: &str) -> usize {
     let pids = tagged(tag);
     for &pid in &pids {
         log::warn!("killing pid {pid}, left by a previous latd on this channel");
-        // SAFETY: kill has no memory effects.
-        unsafe {
-            libc::kill(pid, libc::SIGKILL);
-        }
+        kill_pid(pid, Signal::KILL);
     }
     pids.len()
 }

@@ -288,12 +288,21 @@ pub enum Timer {
     /// After SIGKILL, how long to wait for the build's processes before
     /// the stop ends anyway (states killing, reaping).
     KillWait,
+    /// After SIGKILL, when to send it again to whatever of the build still
+    /// lives or was started since (a fork racing the first one), until
+    /// nothing is left (states killing, reaping).
+    KillRepeat,
     /// How long `appsdk exampleyamls` may run (region getyaml).
     Getyaml,
 }
 
 impl Timer {
-    pub const ALL: [Timer; 3] = [Timer::Grace, Timer::KillWait, Timer::Getyaml];
+    pub const ALL: [Timer; 4] = [
+        Timer::Grace,
+        Timer::KillWait,
+        Timer::KillRepeat,
+        Timer::Getyaml,
+    ];
 }
 
 /// The armed timers: when each is due.
@@ -301,6 +310,7 @@ impl Timer {
 struct Timers {
     grace: Option<Millis>,
     kill_wait: Option<Millis>,
+    kill_repeat: Option<Millis>,
     getyaml: Option<Millis>,
 }
 
@@ -309,6 +319,7 @@ impl Timers {
         match t {
             Timer::Grace => &mut self.grace,
             Timer::KillWait => &mut self.kill_wait,
+            Timer::KillRepeat => &mut self.kill_repeat,
             Timer::Getyaml => &mut self.getyaml,
         }
     }
@@ -317,6 +328,7 @@ impl Timers {
         match t {
             Timer::Grace => self.grace,
             Timer::KillWait => self.kill_wait,
+            Timer::KillRepeat => self.kill_repeat,
             Timer::Getyaml => self.getyaml,
         }
     }
@@ -332,6 +344,9 @@ pub const GETYAML_TIMEOUT_MS: Millis = 120_000;
 /// After SIGKILL, how long to wait for the build's processes to go
 /// before the stop is finished anyway.
 pub const KILL_WAIT_MS: Millis = 10_000;
+
+/// After SIGKILL, how often it is sent again while the build lasts.
+pub const KILL_REPEAT_MS: Millis = 100;
 
 // ===========================================================================
 // Event kinds, guards and the tables
@@ -368,6 +383,8 @@ pub enum EventKind {
     GraceOver,
     /// [`Timer::KillWait`] is due.
     KillWaitOver,
+    /// [`Timer::KillRepeat`] is due.
+    KillRepeatDue,
     /// [`Timer::Getyaml`] is due.
     GetyamlOverdue,
     Shutdown,
@@ -378,7 +395,7 @@ pub enum EventKind {
 }
 
 impl EventKind {
-    pub const ALL: [EventKind; 22] = [
+    pub const ALL: [EventKind; 23] = [
         EventKind::Build,
         EventKind::Status,
         EventKind::Stop,
@@ -397,6 +414,7 @@ impl EventKind {
         EventKind::YamlDone,
         EventKind::GraceOver,
         EventKind::KillWaitOver,
+        EventKind::KillRepeatDue,
         EventKind::GetyamlOverdue,
         EventKind::Shutdown,
         EventKind::Drained,
@@ -423,6 +441,7 @@ impl EventKind {
             EventKind::YamlDone => "yaml-done",
             EventKind::GraceOver => "grace-over",
             EventKind::KillWaitOver => "kill-wait-over",
+            EventKind::KillRepeatDue => "kill-repeat-due",
             EventKind::GetyamlOverdue => "getyaml-overdue",
             EventKind::Shutdown => "shutdown",
             EventKind::Drained => "drained",
@@ -470,6 +489,7 @@ impl Event {
             Event::YamlDone { .. } => EventKind::YamlDone,
             Event::Timeout(Timer::Grace) => EventKind::GraceOver,
             Event::Timeout(Timer::KillWait) => EventKind::KillWaitOver,
+            Event::Timeout(Timer::KillRepeat) => EventKind::KillRepeatDue,
             Event::Timeout(Timer::Getyaml) => EventKind::GetyamlOverdue,
             Event::Shutdown => EventKind::Shutdown,
         }
@@ -697,6 +717,9 @@ pub enum BuildDoes {
     /// build may outlive it, nor run beside the next build. SIGKILL them
     /// and arm the kill wait.
     KillLeftovers,
+    /// SIGKILL again, to what of the build still lives or was started
+    /// since; the repeat is armed again.
+    KillAgain,
     /// The leader exited after SIGKILL; its group is still going.
     NoteExit,
     /// Nothing of the build is left (or SIGKILL could not end it): record
@@ -742,6 +765,7 @@ transitions! {
         [Finishing, Terminating, Killing] [BuildExited] => Idle: EndStop;
         [Reaping] [GroupGone] => Idle: EndStop;
         [Killing, Reaping] [KillWaitOver] => Idle: EndStop;
+        [Killing, Reaping] [KillRepeatDue] => stay: KillAgain;
         [Finishing, Terminating, Killing, Reaping] [Stop] => stay: JoinStop;
         [Finishing, Terminating, Killing, Reaping] [Shutdown] => stay: ShutdownJoins;
 
@@ -758,7 +782,7 @@ transitions! {
         [Idle, Spawning, Running, Deploying, Finishing, Terminating, Killing, Cleaning] [GroupGone] => stay: Ignore;
         [Idle, Spawning, Running, Deploying, Finishing, Terminating, Killing, Reaping] [CleanDone] => stay: Ignore;
         [Idle, Spawning, Running, Deploying, Killing, Reaping, Cleaning] [GraceOver] => stay: Ignore;
-        [Idle, Spawning, Running, Deploying, Finishing, Terminating, Cleaning] [KillWaitOver] => stay: Ignore;
+        [Idle, Spawning, Running, Deploying, Finishing, Terminating, Cleaning] [KillWaitOver, KillRepeatDue] => stay: Ignore;
         [Idle, Spawning, Running, Deploying, Finishing, Terminating, Killing, Reaping, Cleaning]
             [Status, Logs, Invalid, GetYaml, YamlDone, GetyamlOverdue, Drained, Exiting] => stay: Ignore;
     }
@@ -820,7 +844,7 @@ transitions! {
         [Running] [Exiting] => Idle: AbandonGetYaml;
         [Idle] [YamlDone, GetyamlOverdue, Exiting] => stay: Ignore;
         [Idle, Running] [Build, Status, Stop, Logs, Clean, Invalid, Spawned, SpawnFailed, LogRead,
-            SuccessLine, LeaderExited, BuildExited, GroupGone, CleanDone, GraceOver, KillWaitOver,
+            SuccessLine, LeaderExited, BuildExited, GroupGone, CleanDone, GraceOver, KillWaitOver, KillRepeatDue,
             Shutdown, Drained] => stay: Ignore;
     }
 }
@@ -883,7 +907,7 @@ transitions! {
         [Draining, Exited] [Shutdown] => stay: Ignore;
         [Serving, Exited] [Drained] => stay: Ignore;
         [Serving, Draining, Exited] [Spawned, SpawnFailed, LogRead, SuccessLine, LeaderExited,
-            BuildExited, GroupGone, CleanDone, YamlDone, GraceOver, KillWaitOver, GetyamlOverdue,
+            BuildExited, GroupGone, CleanDone, YamlDone, GraceOver, KillWaitOver, KillRepeatDue, GetyamlOverdue,
             Exiting] => stay: Ignore;
     }
 }
@@ -1334,6 +1358,7 @@ impl Machine {
         }
         if !matches!(kind, StateKind::Killing | StateKind::Reaping) {
             self.timers.kill_wait = None;
+            self.timers.kill_repeat = None;
         }
     }
 
@@ -1597,10 +1622,7 @@ impl Machine {
                     table_bug("kill", event)
                 };
                 stop.escalated = true;
-                fx.push(Effect::Signal {
-                    build_id: build.id,
-                    sig: Sig::Kill,
-                });
+                self.kill(now, build.id, fx);
                 self.timers
                     .arm(Timer::KillWait, now.saturating_add(KILL_WAIT_MS));
                 State::Killing { build, stop }
@@ -1646,10 +1668,7 @@ impl Machine {
                     },
                 };
                 let build = self.take_build(old, fx);
-                fx.push(Effect::Signal {
-                    build_id: build.id,
-                    sig: Sig::Kill,
-                });
+                self.kill(now, build.id, fx);
                 self.timers
                     .arm(Timer::KillWait, now.saturating_add(KILL_WAIT_MS));
                 State::Reaping {
@@ -1657,6 +1676,13 @@ impl Machine {
                     stop,
                     exit: *exit,
                 }
+            }
+            BuildDoes::KillAgain => {
+                let build_id = old
+                    .build()
+                    .map_or_else(|| table_bug("kill-again", event), |b| b.id);
+                self.kill(now, build_id, fx);
+                old
             }
             BuildDoes::NoteExit => {
                 let (State::Killing { build, stop }, Event::BuildExited { exit, .. }) =
@@ -1738,6 +1764,17 @@ impl Machine {
     /// The build of a live state; a build request still waiting for the
     /// spawn's outcome (only with a driver that breaks the calling rule)
     /// is answered.
+    /// SIGKILL to the build, and again every [`KILL_REPEAT_MS`] while it
+    /// lasts (the state that kills owns the repeat).
+    fn kill(&mut self, now: Millis, build_id: u64, fx: &mut Vec<Effect>) {
+        fx.push(Effect::Signal {
+            build_id,
+            sig: Sig::Kill,
+        });
+        self.timers
+            .arm(Timer::KillRepeat, now.saturating_add(KILL_REPEAT_MS));
+    }
+
     fn take_build(&mut self, old: State, fx: &mut Vec<Effect>) -> BuildRecord {
         match old {
             State::Spawning { build, requester } => {

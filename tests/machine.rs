@@ -295,6 +295,11 @@ fn kill_wait_over(r: &mut Rig) -> Event {
     r.now += KILL_WAIT_MS;
     Event::Timeout(Timer::KillWait)
 }
+/// The time to send SIGKILL again has come.
+fn kill_repeat_due(r: &mut Rig) -> Event {
+    r.now += KILL_REPEAT_MS;
+    Event::Timeout(Timer::KillRepeat)
+}
 /// getyaml overran its time.
 fn getyaml_overdue(r: &mut Rig) -> Event {
     r.now += GETYAML_TIMEOUT_MS;
@@ -471,6 +476,7 @@ const MAKERS: &[MakeEvent] = &[
     yaml_ok,
     grace_over,
     kill_wait_over,
+    kill_repeat_due,
     getyaml_overdue,
     shutdown,
 ];
@@ -736,6 +742,7 @@ const SPEC: &[Spec] = &[
     row(B(S::Killing),  E::LeaderExited,  NO,        killing,         leader_exit,     B(S::Reaping),     &[PERSIST, STATUS]),
     row(B(S::Killing),  E::BuildExited,   NO,        killing,         term_exit,       B(S::Idle),        &[PERSIST, STATUS, UNMOUNT, ok("stop")]),
     row(B(S::Killing),  E::KillWaitOver,  NO,        killing,         kill_wait_over,  B(S::Idle),        &[PERSIST, STATUS, UNMOUNT, ok("stop")]),
+    row(B(S::Killing),  E::KillRepeatDue, NO,        killing,         kill_repeat_due, B(S::Killing),     &[KILL]),
     row(B(S::Killing),  E::Stop,          NO,        killing,         stop,            B(S::Killing),     &[]),
     row(B(S::Killing),  E::Shutdown,      NO,        killing,         shutdown,        B(S::Killing),     &[]),
 
@@ -745,6 +752,7 @@ const SPEC: &[Spec] = &[
     row(B(S::Reaping),  E::SuccessLine,   NO,        reaping,         log_success,     B(S::Reaping),     &[PERSIST, STATUS]),
     row(B(S::Reaping),  E::GroupGone,     NO,        stopping_reaped, group_gone,      B(S::Idle),        &[PERSIST, STATUS, UNMOUNT, ok("stop")]),
     row(B(S::Reaping),  E::KillWaitOver,  NO,        reaping,         kill_wait_over,  B(S::Idle),        &[PERSIST, STATUS, UNMOUNT]),
+    row(B(S::Reaping),  E::KillRepeatDue, NO,        reaping,         kill_repeat_due, B(S::Reaping),     &[KILL]),
     row(B(S::Reaping),  E::Stop,          NO,        reaping,         stop,            B(S::Reaping),     &[]),
     row(B(S::Reaping),  E::Shutdown,      NO,        reaping,         shutdown,        B(S::Reaping),     &[]),
 
@@ -1054,12 +1062,25 @@ fn stop_grace_expiry_kills_only_after_the_deadline() {
     r.now = deadline;
     assert_eq!(signals(&r.go(tick)), vec![(1, Sig::Kill)]);
     assert_eq!(
-        r.m.poll_timeout(),
+        r.m.timer(Timer::KillWait),
         Some(deadline + KILL_WAIT_MS),
         "then a wait for the kill to work"
     );
-    r.now += KILL_WAIT_MS - 1;
-    assert!(r.go(tick).is_empty(), "the kill is sent once");
+    assert_eq!(
+        r.m.poll_timeout(),
+        Some(deadline + KILL_REPEAT_MS),
+        "and SIGKILL again soon, for what it missed"
+    );
+    r.now = deadline + KILL_REPEAT_MS - 1;
+    assert!(r.go(tick).is_empty(), "not again before its time");
+    r.now = deadline + KILL_REPEAT_MS;
+    assert_eq!(signals(&r.go(tick)), vec![(1, Sig::Kill)], "again");
+    assert_eq!(
+        r.m.poll_timeout(),
+        Some(deadline + 2 * KILL_REPEAT_MS),
+        "and again while the build lasts"
+    );
+    assert_eq!(r.kind(), S::Killing);
 
     r.go(|r| Event::BuildExited {
         build_id: r.bid(),
@@ -1133,8 +1154,9 @@ fn stop_gives_up_on_processes_sigkill_cannot_end() {
     r.now += GRACE;
     assert_eq!(signals(&r.go(tick)), vec![(1, Sig::Kill)]);
     r.now += KILL_WAIT_MS;
-    let fx = r.go(tick);
+    let fx = r.go(|_| Event::Timeout(Timer::KillWait));
     assert_eq!(reply_to(&fx, waiter).result, ReplyResult::Succeed);
+    assert_eq!(r.m.next_timer(), None, "the repeat goes with the state");
     assert_eq!(r.kind(), S::Idle);
     let b = r.last_build();
     assert_eq!(b.outcome, Outcome::Stopped);
@@ -1153,10 +1175,11 @@ fn leader_exit_with_group_alive_kills_the_stragglers() {
     // It waits in Reaping until the group is gone, then keeps its result.
     assert_eq!(r.kind(), S::Reaping);
     assert_eq!(
-        r.m.poll_timeout(),
+        r.m.timer(Timer::KillWait),
         Some(r.now + KILL_WAIT_MS),
         "SIGKILL is already sent"
     );
+    assert_eq!(r.m.timer(Timer::KillRepeat), Some(r.now + KILL_REPEAT_MS));
     r.go(|r| Event::GroupGone { build_id: r.bid() });
     assert_eq!(r.kind(), S::Idle);
     assert_eq!(r.last_build().outcome, Outcome::Succeeded);
@@ -2207,9 +2230,19 @@ impl World {
                     if *sig == Sig::Kill {
                         let due =
                             kind == EventKind::GraceOver && b.deadline.is_some_and(|d| now >= d);
-                        assert!(b.exit_told || due, "{ctx}: SIGKILL before the deadline");
+                        let again = kind == EventKind::KillRepeatDue;
+                        assert!(
+                            !again || b.kill_sent,
+                            "{ctx}: SIGKILL repeated that was never sent"
+                        );
+                        assert!(
+                            b.exit_told || due || again,
+                            "{ctx}: SIGKILL before the deadline"
+                        );
                         self.seen.insert(if straggler_kill {
                             "straggler kill"
+                        } else if again {
+                            "kill repeated"
                         } else if due {
                             "grace kill"
                         } else {
@@ -2504,6 +2537,7 @@ fn random_runs_reach_every_acting_cell() {
     for moment in [
         "straggler kill",
         "grace kill",
+        "kill repeated",
         "exit at once",
         "exit after a stop or clean",
     ] {
