@@ -3,7 +3,8 @@
 //! decisions are taken here beyond how to carry an effect out.
 
 use crate::machine::{
-    BuildKind, BuildRequest, Event, Exit, JobId, LogNews, Persisted, ProcessId, Sig,
+    example_yaml, BuildKind, BuildRequest, Event, Exit, JobId, LogNews, Persisted, ProcessId, Sig,
+    YamlOutcome,
 };
 use crate::mounts;
 use crate::sdklog::{self, LogWatch};
@@ -214,13 +215,6 @@ fn configure(
 /// Output directories `clean` removes under a workdir.
 pub const CLEAN_DIRS: [&str; 4] = ["deploy", "exampleyamls", "workdir", "log"];
 
-/// Where `getyaml` leaves the example YAML.
-pub fn example_yaml(workdir: &Path) -> PathBuf {
-    workdir
-        .join("exampleyamls")
-        .join("debian-image-base-intel-x86-64.yaml")
-}
-
 #[derive(Debug)]
 struct RunningBuild {
     build_id: u64,
@@ -394,7 +388,7 @@ impl Processes {
             }
             Err(e) => Some(Event::YamlDone {
                 job,
-                result: Err(e),
+                outcome: YamlOutcome::NotStarted(e),
             }),
         }
     }
@@ -502,22 +496,13 @@ impl Processes {
             if let Some(b) = self.build.as_mut().filter(|b| b.pgid == pid) {
                 b.leader_exit = Some(exit);
             } else if let Some((job, workdir)) = self.yaml_jobs.remove(&pid) {
-                let yaml = example_yaml(&workdir);
-                let result = match exit {
-                    Exit::Code(0) if yaml.is_file() => Ok(yaml),
-                    Exit::Code(0) => Err(format!(
-                        "appsdk exampleyamls succeeded but {} is missing",
-                        yaml.display()
-                    )),
-                    other => Err(format!(
-                        "appsdk exampleyamls failed ({}); see {}",
-                        describe_exit(other),
-                        workdir.join("log").join("getyaml.log").display()
-                    )),
-                };
-                events.push(Event::YamlDone { job, result });
+                let yaml_made = example_yaml(&workdir).is_file();
+                events.push(Event::YamlDone {
+                    job,
+                    outcome: YamlOutcome::Exited { exit, yaml_made },
+                });
             } else {
-                log::debug!("reaped pid {pid} ({})", describe_exit(exit));
+                log::debug!("reaped pid {pid} ({exit})");
             }
         }
         // Once the leader is gone, what is left of the build is looked for
@@ -539,11 +524,7 @@ impl Processes {
                             news,
                         });
                     }
-                    log::info!(
-                        "build {}: appsdk ended ({})",
-                        b.build_id,
-                        describe_exit(exit)
-                    );
+                    log::info!("build {}: appsdk ended ({})", b.build_id, exit);
                     events.push(Event::BuildExited {
                         build_id: b.build_id,
                         exit,
@@ -707,13 +688,6 @@ fn kill_pid(pid: i32, sig: Signal) {
 fn group_of(pid: i32) -> Option<i32> {
     let group = rustix::process::getpgid(Some(Pid::from_raw(pid)?)).ok()?;
     Some(group.as_raw_nonzero().get())
-}
-
-pub fn describe_exit(exit: Exit) -> String {
-    match exit {
-        Exit::Code(c) => format!("exit code {c}"),
-        Exit::Signal(s) => format!("killed by signal {s}"),
-    }
 }
 
 /// Does any process remain in group `pgid`?

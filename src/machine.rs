@@ -71,7 +71,7 @@ use crate::protocol::{Action, Reply, StatusDoc};
 pub use crate::protocol::{BuildKind, BuildRecord, Exit, Millis, Outcome, ProcessId};
 use serde::{Deserialize, Serialize};
 use std::collections::VecDeque;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 /// Opaque handle of a request; the driver knows where to send its reply.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -214,6 +214,24 @@ pub enum Effect {
     Exit,
 }
 
+/// How an `appsdk exampleyamls` job ended, as the effects layer saw it;
+/// what that means for its requesters is the machine's to say.
+#[derive(Debug, Clone, PartialEq)]
+pub enum YamlOutcome {
+    /// It could not be started (why).
+    NotStarted(String),
+    /// It exited; `yaml_made`: the example YAML is where it should be
+    /// ([`example_yaml`]).
+    Exited { exit: Exit, yaml_made: bool },
+}
+
+/// Where `appsdk exampleyamls` leaves the example YAML in `workdir`.
+pub fn example_yaml(workdir: &Path) -> PathBuf {
+    workdir
+        .join("exampleyamls")
+        .join("debian-image-base-intel-x86-64.yaml")
+}
+
 /// What the driver saw.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Event {
@@ -265,7 +283,7 @@ pub enum Event {
     },
     YamlDone {
         job: JobId,
-        result: Result<PathBuf, String>,
+        outcome: YamlOutcome,
     },
     /// A timer the machine asked for is due (see [`Machine::next_timer`]).
     Timeout(Timer),
@@ -1947,18 +1965,43 @@ impl Machine {
                 });
             }
             YamlDoes::YamlFinished => {
-                let Event::YamlDone { result, .. } = event else {
+                let (Event::YamlDone { outcome, .. }, Some(job)) = (event, self.getyaml.take())
+                else {
                     table_bug("yaml-finished", event)
                 };
-                for id in self.getyaml.take().map(|j| j.waiters).unwrap_or_default() {
-                    let reply = match result {
-                        Ok(path) => Reply {
-                            yaml_file_path: Some(path.clone()),
-                            ..Reply::succeed("getyaml")
-                        },
-                        Err(reason) => Reply::fail("getyaml", reason.clone()),
-                    };
-                    fx.push(Effect::Reply { id, reply });
+                let yaml = example_yaml(&job.workdir);
+                let reply = match outcome {
+                    YamlOutcome::Exited {
+                        exit: Exit::Code(0),
+                        yaml_made: true,
+                    } => Reply {
+                        yaml_file_path: Some(yaml),
+                        ..Reply::succeed("getyaml")
+                    },
+                    YamlOutcome::Exited {
+                        exit: Exit::Code(0),
+                        yaml_made: false,
+                    } => Reply::fail(
+                        "getyaml",
+                        format!(
+                            "appsdk exampleyamls succeeded but {} is missing",
+                            yaml.display()
+                        ),
+                    ),
+                    YamlOutcome::Exited { exit, .. } => Reply::fail(
+                        "getyaml",
+                        format!(
+                            "appsdk exampleyamls failed ({exit}); see {}",
+                            job.workdir.join("log").join("getyaml.log").display()
+                        ),
+                    ),
+                    YamlOutcome::NotStarted(reason) => Reply::fail("getyaml", reason.clone()),
+                };
+                for id in job.waiters {
+                    fx.push(Effect::Reply {
+                        id,
+                        reply: reply.clone(),
+                    });
                 }
             }
             YamlDoes::CancelGetYaml => {

@@ -341,6 +341,15 @@ pub enum Exit {
     Signal(i32),
 }
 
+impl std::fmt::Display for Exit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Exit::Code(c) => write!(f, "exit code {c}"),
+            Exit::Signal(s) => write!(f, "killed by signal {s}"),
+        }
+    }
+}
+
 /// Identity of a started build process, kept so that a restarted daemon can
 /// tell the old build's process group from an unrelated process.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

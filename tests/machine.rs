@@ -277,7 +277,10 @@ fn clean_ok(r: &mut Rig) -> Event {
 fn yaml_ok(r: &mut Rig) -> Event {
     Event::YamlDone {
         job: r.yaml_job.unwrap_or(JobId(STALE)),
-        result: Ok("/w/exampleyamls/debian-image-base-intel-x86-64.yaml".into()),
+        outcome: YamlOutcome::Exited {
+            exit: Exit::Code(0),
+            yaml_made: true,
+        },
     }
 }
 /// The timer due next, as the driver feeds it (Grace if none is armed:
@@ -1297,9 +1300,90 @@ fn getyaml_failure_is_reported() {
     let mut r = idle_yaml();
     let fx = r.go(|r| Event::YamlDone {
         job: r.yaml_job.unwrap(),
-        result: Err("appsdk exampleyamls exited with code 2".into()),
+        outcome: YamlOutcome::Exited {
+            exit: Exit::Code(2),
+            yaml_made: true,
+        },
     });
-    check(&fx, &[fail("getyaml", "code 2")], None, "yaml done");
+    check(
+        &fx,
+        &[fail(
+            "getyaml",
+            "appsdk exampleyamls failed (exit code 2); see /w/log/getyaml.log",
+        )],
+        None,
+        "yaml done",
+    );
+}
+
+#[test]
+fn getyaml_that_exits_0_without_its_yaml_failed() {
+    let mut r = idle_yaml();
+    let fx = r.go(|r| Event::YamlDone {
+        job: r.yaml_job.unwrap(),
+        outcome: YamlOutcome::Exited {
+            exit: Exit::Code(0),
+            yaml_made: false,
+        },
+    });
+    check(
+        &fx,
+        &[fail(
+            "getyaml",
+            "succeeded but /w/exampleyamls/debian-image-base-intel-x86-64.yaml is missing",
+        )],
+        None,
+        "yaml done",
+    );
+}
+
+#[test]
+fn getyaml_killed_or_not_started_says_why() {
+    let mut r = idle_yaml();
+    let fx = r.go(|r| Event::YamlDone {
+        job: r.yaml_job.unwrap(),
+        outcome: YamlOutcome::Exited {
+            exit: Exit::Signal(9),
+            yaml_made: true,
+        },
+    });
+    check(
+        &fx,
+        &[fail("getyaml", "failed (killed by signal 9)")],
+        None,
+        "killed",
+    );
+    let mut r = idle_yaml();
+    let fx = r.go(|r| Event::YamlDone {
+        job: r.yaml_job.unwrap(),
+        outcome: YamlOutcome::NotStarted("cannot run appsdk exampleyamls: no bash".into()),
+    });
+    check(
+        &fx,
+        &[fail("getyaml", "cannot run appsdk exampleyamls: no bash")],
+        None,
+        "not started",
+    );
+}
+
+#[test]
+fn getyaml_success_answers_every_waiter_with_the_yaml_path() {
+    let mut r = idle_yaml();
+    let (second, _) = r.ask(Request::GetYaml {
+        workdir: "/w".into(),
+    });
+    let fx = r.go(yaml_ok);
+    for id in [second] {
+        let reply = reply_to(&fx, id);
+        assert_eq!(reply.result, ReplyResult::Succeed);
+        assert_eq!(
+            reply.yaml_file_path.as_deref(),
+            Some(Path::new(
+                "/w/exampleyamls/debian-image-base-intel-x86-64.yaml"
+            ))
+        );
+    }
+    assert_eq!(fx.len(), 2, "both waiters answered: {fx:?}");
 }
 
 #[test]
@@ -1594,7 +1678,7 @@ fn stale_events_change_nothing() {
         },
         Event::YamlDone {
             job: JobId(STALE),
-            result: Err("x".into()),
+            outcome: YamlOutcome::NotStarted("x".into()),
         },
         // Timers not armed, or not yet due.
         Event::Timeout(Timer::Grace),
@@ -2048,7 +2132,7 @@ impl World {
             },
             _ => Event::YamlDone {
                 job,
-                result: Err("stale".into()),
+                outcome: YamlOutcome::NotStarted("stale".into()),
             },
         };
         let before = (
@@ -2283,12 +2367,22 @@ impl World {
                     );
                     self.yamls.insert(job.0);
                     self.yaml_deadline = Some(self.now + GETYAML_TIMEOUT_MS);
-                    let result = if self.roll(4) == 0 {
-                        Err("appsdk exampleyamls exited with code 1".to_string())
-                    } else {
-                        Ok(workdir.join("exampleyamls/debian-image-base-intel-x86-64.yaml"))
+                    let _ = workdir;
+                    let outcome = match self.roll(4) {
+                        0 => YamlOutcome::Exited {
+                            exit: Exit::Code(1),
+                            yaml_made: false,
+                        },
+                        1 => YamlOutcome::Exited {
+                            exit: Exit::Code(0),
+                            yaml_made: false,
+                        },
+                        _ => YamlOutcome::Exited {
+                            exit: Exit::Code(0),
+                            yaml_made: true,
+                        },
                     };
-                    self.jobs.push(Event::YamlDone { job: *job, result });
+                    self.jobs.push(Event::YamlDone { job: *job, outcome });
                 }
                 Effect::CancelJob { job } => {
                     // Killed: its late YamlDone is stale from now on.
@@ -2704,7 +2798,10 @@ fn a_getyaml_that_overruns_is_killed_and_answered() {
     assert!(r
         .step(Event::YamlDone {
             job,
-            result: Err("killed".into())
+            outcome: YamlOutcome::Exited {
+                exit: Exit::Signal(9),
+                yaml_made: false
+            }
         })
         .is_empty());
     let (_, fx) = r.ask(Request::Clean {
