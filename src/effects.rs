@@ -8,7 +8,7 @@ use crate::machine::{
 };
 use crate::mounts;
 use crate::sdklog::{self, LogWatch};
-use rustix::process::{waitpid, Pid, Signal, WaitOptions, WaitStatus};
+use rustix::process::{Pid, Signal, WaitOptions, WaitStatus};
 use std::collections::HashMap;
 use std::fs;
 use std::io;
@@ -490,7 +490,8 @@ impl Processes {
     /// Reaps every exited child and reports what ended.
     pub fn reap(&mut self) -> Vec<Event> {
         let mut events = Vec::new();
-        while let Ok(Some((pid, status))) = waitpid(None, WaitOptions::NOHANG) {
+        // Any child (wait(2)'s -1; rustix's waitpid(None) is 0: our group).
+        while let Ok(Some((pid, status))) = rustix::process::wait(WaitOptions::NOHANG) {
             let pid = pid.as_raw_nonzero().get();
             let exit = decode_status(status);
             if let Some(b) = self.build.as_mut().filter(|b| b.pgid == pid) {

@@ -1369,11 +1369,12 @@ fn getyaml_killed_or_not_started_says_why() {
 #[test]
 fn getyaml_success_answers_every_waiter_with_the_yaml_path() {
     let mut r = idle_yaml();
+    let first = *r.open.iter().next().unwrap();
     let (second, _) = r.ask(Request::GetYaml {
         workdir: "/w".into(),
     });
     let fx = r.go(yaml_ok);
-    for id in [second] {
+    for id in [first, second] {
         let reply = reply_to(&fx, id);
         assert_eq!(reply.result, ReplyResult::Succeed);
         assert_eq!(
@@ -3141,6 +3142,41 @@ fn status_says_what_a_build_is_doing_in_words() {
     assert!(says(&r).contains("finishing its deploy"), "{}", says(&r));
     let r = idle();
     assert_eq!(r.m.status(r.now).activity, None);
+}
+
+#[test]
+fn status_says_what_a_stop_waits_for_and_when_its_next_step_comes() {
+    let says = |r: &Rig| r.m.status(r.now).activity.unwrap_or_default();
+    let grace_s = GRACE / 1000;
+    let kill_s = KILL_WAIT_MS / 1000;
+    let r = finishing();
+    assert_eq!(
+        says(&r),
+        format!("the SDK logged its success line and is finishing its deploy; waiting for it to exit by itself (next step in {grace_s} s)")
+    );
+    let r = stopping();
+    assert_eq!(
+        says(&r),
+        format!(
+            "SIGTERM sent; waiting for the build's processes to exit (next step in {grace_s} s)"
+        )
+    );
+    let mut r = killing();
+    assert_eq!(
+        says(&r),
+        format!("SIGKILL sent; waiting for the build's processes to go (next step in {kill_s} s)")
+    );
+    // The next step is the kill wait's end, not SIGKILL's repeat.
+    r.now += 1000;
+    assert!(says(&r).ends_with(&format!("(next step in {} s)", kill_s - 1)));
+    let r = reaping();
+    assert_eq!(
+        says(&r),
+        format!("the SDK has exited; SIGKILL sent to the processes it left; waiting for them to go (next step in {kill_s} s)")
+    );
+    let mut r = finishing();
+    r.now += GRACE - 1500;
+    assert!(says(&r).ends_with("(next step in 2 s)"), "rounded up");
 }
 
 #[test]
