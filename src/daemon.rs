@@ -6,12 +6,13 @@
 
 use crate::channel::{Channel, Slot};
 use crate::clock::{iso8601, Clock};
+use crate::driver;
 use crate::effects::{self, Processes, SdkConfig};
 use crate::lock;
 use crate::machine::{self, BuildRecord, Effect, Event, Machine, Recovered, ReqId, StateKind};
 use crate::protocol;
 use crate::sdklog;
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::fs;
 use std::io::{self, Read};
 use std::os::unix::net::UnixStream;
@@ -319,13 +320,20 @@ fn wait_for_lock(channel: &Channel, shutdown: &AtomicBool) -> Option<lock::Chann
     result
 }
 
-/// The running daemon: the machine and everything that performs its effects.
+/// The daemon's world, as the [`driver`] sees it: the channel, the
+/// processes, the clock and the wake-ups; it performs the machine's effects.
 struct Daemon {
     settings: Settings,
     /// The canonical workspace root that requests' paths must lie in.
     root: PathBuf,
     clock: Clock,
-    machine: Machine,
+    /// When this latd started (for the heartbeat).
+    started_at: machine::Millis,
+    wakeup: Wakeup,
+    /// Shutdown has been fed to the machine.
+    shutdown_sent: bool,
+    /// When the machine exited (replies not yet written get a last chance).
+    exited_at: Option<Instant>,
     channel: Channel,
     /// The channel's lock, held while latd serves.
     lock: lock::ChannelLock,
@@ -424,8 +432,9 @@ pub fn run(settings: Settings) -> Result<(), String> {
         version: env!("CARGO_PKG_VERSION").to_string(),
         started_at: now,
     };
-    let machine = Machine::new(config, persisted, now, recovered);
+    let mut machine = Machine::new(config, persisted, now, recovered);
     let (jobs_tx, jobs_rx) = mpsc::channel();
+    let waker = wakeup.waker();
     let mut d = Daemon {
         sdk: SdkConfig {
             env_script: settings.env_script(),
@@ -439,7 +448,10 @@ pub fn run(settings: Settings) -> Result<(), String> {
         settings,
         root,
         clock,
-        machine,
+        started_at: now,
+        wakeup,
+        shutdown_sent: false,
+        exited_at: None,
         channel,
         lock,
         lock_lost: false,
@@ -448,7 +460,7 @@ pub fn run(settings: Settings) -> Result<(), String> {
         next_req: 1,
         jobs_tx,
         jobs_rx,
-        waker: wakeup.waker(),
+        waker,
         last_activity: Instant::now(),
         signalled: true,
         last_reap: Instant::now(),
@@ -460,11 +472,11 @@ pub fn run(settings: Settings) -> Result<(), String> {
     };
     // Record the recovered state before answering anything.
     let mut first = vec![
-        Effect::Persist(d.machine.persisted()),
-        Effect::WriteStatus(d.machine.status(now)),
+        Effect::Persist(machine.persisted()),
+        Effect::WriteStatus(machine.status(now)),
     ];
-    first.extend(d.machine.startup_effects());
-    d.perform_all(first);
+    first.extend(machine.startup_effects());
+    driver::perform_all(&mut machine, &mut d, first);
     // The heartbeat before anything is said or answered: a client that
     // finds the lock held finds the heartbeat too (a standby taking over
     // finds none: the latd before it removed its own on exit).
@@ -477,24 +489,7 @@ pub fn run(settings: Settings) -> Result<(), String> {
         d.settings.workspace.display(),
         d.settings.sdk_dir.display()
     );
-    let mut shutdown_sent = false;
-    let mut exited_at: Option<Instant> = None;
-    loop {
-        d.tick(&mut wakeup, &mut shutdown_sent);
-        if d.machine.has_exited() {
-            // Give replies that could not be written yet a last chance.
-            let since = *exited_at.get_or_insert_with(Instant::now);
-            if !d.channel.has_pending() && d.unsaved_state.is_none() {
-                break;
-            }
-            if since.elapsed() > EXIT_REPLY_RETRY {
-                log::error!("exiting with replies or state that could not be written");
-                break;
-            }
-        }
-        let timeout = d.next_timeout();
-        d.signalled = wakeup.wait(timeout);
-    }
+    driver::run(&mut machine, &mut d);
     d.procs.kill_jobs();
     let _ = fs::remove_file(d.channel.at(protocol::ALIVE_FILE));
     log::info!("latd exiting");
@@ -571,33 +566,34 @@ fn recover(
     }
 }
 
-impl Daemon {
-    fn tick(&mut self, wakeup: &mut Wakeup, shutdown_sent: &mut bool) {
+impl driver::World for Daemon {
+    fn now(&self) -> machine::Millis {
+        self.clock.now()
+    }
+
+    fn look(&mut self, _machine: &Machine) -> Vec<Event> {
+        let mut seen = Vec::new();
         let made = self.channel.ensure().unwrap_or(false);
-        if made || wakeup.fifo.is_none() {
-            wakeup.open_fifo(&self.channel);
+        if made || self.wakeup.fifo.is_none() {
+            self.wakeup.open_fifo(&self.channel);
         }
-        if wakeup.shutdown.load(Ordering::Relaxed) && !*shutdown_sent {
-            *shutdown_sent = true;
+        if self.wakeup.shutdown.load(Ordering::Relaxed) && !self.shutdown_sent {
+            self.shutdown_sent = true;
             log::info!("asked to exit: stopping what runs, then exiting");
-            self.note_log();
-            self.feed(Event::Shutdown);
+            seen.extend(self.procs.watch_log());
+            seen.push(Event::Shutdown);
         }
-        // Children are reaped when SIGCHLD says so, every tick while a
+        // Children are reaped when SIGCHLD says so, every pass while a
         // build is tracked (its group is watched), and once a second anyway.
-        self.note_log();
+        seen.extend(self.procs.watch_log());
         if self.signalled || self.procs.build_running() || self.last_reap.elapsed() >= REAP_EVERY {
             self.last_reap = Instant::now();
-            for e in self.procs.reap() {
-                self.feed(e);
-            }
+            seen.extend(self.procs.reap());
         }
-        while let Ok(e) = self.jobs_rx.try_recv() {
-            self.feed(e);
-        }
+        seen.extend(self.jobs_rx.try_iter());
         if let Ok(picks) = self.channel.scan() {
-            // One request at a time: read, served, dropped. A batch that
-            // runs long is cut, and the rest waits for the next tick.
+            // Requests are read one at a time; a batch that runs long is
+            // cut, and the rest waits for the next pass.
             let start = Instant::now();
             let mut picks = picks.into_iter();
             while let Some(pick) = picks.next() {
@@ -609,28 +605,55 @@ impl Daemon {
                 }
                 if let Some(inc) = self.channel.read(pick) {
                     self.last_activity = Instant::now();
-                    self.handle_incoming(inc);
+                    let request = self.incoming(inc);
+                    if let Event::Request {
+                        request: crate::machine::Request::Stop,
+                        ..
+                    } = &request
+                    {
+                        // What its sender read in the log latd knows too:
+                        // a success line logged since this pass's look
+                        // decides how the stop goes (the deployed caller
+                        // stops the moment it reads that line).
+                        seen.extend(self.procs.watch_log());
+                    }
+                    seen.push(request);
                 }
             }
         }
-        // The timers the machine armed that are due (it says when, and
-        // the loop sleeps until then).
-        for timer in self.machine.due_timers(self.clock.now()) {
-            self.feed(Event::Timeout(timer));
+        seen
+    }
+
+    fn perform(&mut self, effect: Effect) -> Option<Event> {
+        Daemon::perform(self, effect)
+    }
+
+    fn may_end(&mut self) -> bool {
+        // Replies and state that could not be written yet get a last chance.
+        let since = *self.exited_at.get_or_insert_with(Instant::now);
+        if !self.channel.has_pending() && self.unsaved_state.is_none() {
+            return true;
         }
+        if since.elapsed() > EXIT_REPLY_RETRY {
+            log::error!("exiting with replies or state that could not be written");
+            return true;
+        }
+        false
+    }
+
+    fn sleep(&mut self, machine: &Machine, wake_at: Option<machine::Millis>) {
         self.channel.retry_pending();
         self.channel.release_replaced();
         self.housekeeping();
+        let timeout = self.next_timeout(machine, wake_at);
+        self.signalled = self.wakeup.wait(timeout);
     }
+}
 
-    /// Feeds what the running build's SDK logged since the last look.
-    fn note_log(&mut self) {
-        if let Some(e) = self.procs.watch_log() {
-            self.feed(e);
-        }
-    }
-
-    fn handle_incoming(&mut self, inc: crate::channel::Incoming) {
+impl Daemon {
+    /// A request read from the channel, as the machine's event: recorded
+    /// in the history, given an id, checked.
+    fn incoming(&mut self, inc: crate::channel::Incoming) -> Event {
         // Recorded before the reply, so a client that has its reply finds
         // its line in the history.
         self.channel
@@ -641,21 +664,14 @@ impl Daemon {
             .parsed
             .and_then(|raw| crate::validate::check(raw, &self.root, self.clock.now()));
         self.slots.insert(id, (inc.slot.clone(), checked.is_err()));
-        let event = match checked {
+        // The marker says whether the last request read was invalid.
+        self.channel.mark_invalid(checked.is_err());
+        match checked {
             Ok(request) => {
-                self.channel.mark_invalid(false);
                 log::debug!("request from {}: {request:?}", inc.slot);
-                if matches!(request, crate::machine::Request::Stop) {
-                    // What its sender read in the log latd knows too: a
-                    // success line logged since this tick's look decides
-                    // how the stop goes (the deployed caller stops the
-                    // moment it reads that line).
-                    self.note_log();
-                }
                 Event::Request { id, request }
             }
             Err(inv) => {
-                self.channel.mark_invalid(true);
                 log::warn!("invalid request in {}: {}", inc.slot, inv.reason);
                 Event::Invalid {
                     id,
@@ -663,30 +679,7 @@ impl Daemon {
                     reason: inv.reason,
                 }
             }
-        };
-        self.feed(event);
-    }
-
-    /// Feeds an event and performs its effects, feeding their outcomes back
-    /// until nothing is left (the machine's calling rule).
-    fn feed(&mut self, event: Event) {
-        let mut queue = VecDeque::from([event]);
-        while let Some(e) = queue.pop_front() {
-            let fx = self.machine.step(self.clock.now(), e);
-            for outcome in self.perform_all(fx) {
-                queue.push_back(outcome);
-            }
         }
-    }
-
-    fn perform_all(&mut self, fx: Vec<Effect>) -> Vec<Event> {
-        let mut outcomes = Vec::new();
-        for f in fx {
-            if let Some(e) = self.perform(f) {
-                outcomes.push(e);
-            }
-        }
-        outcomes
     }
 
     fn perform(&mut self, effect: Effect) -> Option<Event> {
@@ -847,7 +840,7 @@ impl Daemon {
         let text = crate::heartbeat::render(
             std::process::id(),
             env!("CARGO_PKG_VERSION"),
-            &iso8601(self.machine.status(self.clock.now()).started_at),
+            &iso8601(self.started_at),
             &self.settings.channel.display().to_string(),
             &self.settings.workspace.display().to_string(),
             self.beats,
@@ -861,11 +854,13 @@ impl Daemon {
         }
     }
 
-    fn next_timeout(&self) -> Duration {
+    /// How long to sleep: the poll interval (short while busy), until
+    /// the machine's next timer or the next heartbeat at the latest.
+    fn next_timeout(&self, machine: &Machine, wake_at: Option<machine::Millis>) -> Duration {
         if self.channel.has_backlog() || self.channel.sweeping() {
             return Duration::ZERO;
         }
-        let busy = self.machine.state().kind() != StateKind::Idle
+        let busy = machine.state().kind() != StateKind::Idle
             || self.last_activity.elapsed() < BUSY_AFTER_ACTIVITY
             || self.channel.has_pending()
             || self.unsaved_state.is_some()
@@ -884,7 +879,7 @@ impl Daemon {
         } else {
             self.settings.idle_poll
         };
-        if let Some(deadline) = self.machine.poll_timeout() {
+        if let Some(deadline) = wake_at {
             let now = self.clock.now();
             t = t.min(Duration::from_millis(deadline.saturating_sub(now)));
         }

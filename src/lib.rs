@@ -23,6 +23,7 @@ pub mod client;
 pub mod clock;
 pub mod daemon;
 pub mod diagram;
+pub mod driver;
 pub mod effects;
 pub mod fsutil;
 pub mod heartbeat;
