@@ -126,9 +126,8 @@ type FileIdentity = (u64, u64, i64, i64);
 
 /// Device, inode and mount id of an open directory.
 fn dir_identity(f: &fs::File) -> io::Result<(u64, u64, Option<u64>)> {
-    use std::os::fd::AsRawFd;
     let md = f.metadata()?;
-    Ok((md.dev(), md.ino(), crate::tree::mount_id(f.as_raw_fd())))
+    Ok((md.dev(), md.ino(), crate::tree::mount_id_of(f)))
 }
 
 /// The mode of a channel given to a group: setgid, rwx for owner and group,

@@ -38,7 +38,7 @@
 
 use std::ffi::{CStr, CString, OsStr};
 use std::io;
-use std::os::fd::{AsFd, BorrowedFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -525,7 +525,7 @@ fn identify(fd: &OwnedFd) -> rustix::io::Result<Id> {
 }
 
 /// The mount id of what `fd` refers to (statx, Linux 5.8+), if known.
-pub(crate) fn mount_id_of(fd: impl AsFd) -> Option<u64> {
+pub fn mount_id_of(fd: impl AsFd) -> Option<u64> {
     if NO_STATX.load(Ordering::Relaxed) {
         return None;
     }
@@ -544,22 +544,6 @@ pub(crate) fn mount_id_of(fd: impl AsFd) -> Option<u64> {
             None
         }
     }
-}
-
-/// [`mount_id_of`] for a raw descriptor number, which the caller holds
-/// open. (For callers that still pass one; prefer [`mount_id_of`].)
-pub(crate) fn mount_id(fd: RawFd) -> Option<u64> {
-    if fd < 0 {
-        // What statx says of a negative descriptor (EBADF): unknown.
-        return None;
-    }
-    // SAFETY: `fd` is not -1 (checked above), and the borrow lives only for
-    // this one statx call, which reads the file's attributes and neither
-    // closes nor keeps the descriptor. Callers pass a descriptor they hold
-    // open; were it closed meanwhile, statx fails with EBADF (None here) or
-    // reads whatever file now has that number, never memory.
-    let fd = unsafe { BorrowedFd::borrow_raw(fd) };
-    mount_id_of(fd)
 }
 
 /// `lstat` of `name` in `dir`.
@@ -616,7 +600,7 @@ mod tests {
     use rustix::mount::{unmount, UnmountFlags};
     use rustix::process::{getrlimit, setrlimit, Resource, Rlimit};
     use std::fs;
-    use std::os::fd::AsRawFd;
+    use std::os::fd::{AsRawFd, RawFd};
     use std::os::unix::fs::{symlink, PermissionsExt};
     use std::os::unix::process::CommandExt;
     use std::process::Command;
@@ -1262,8 +1246,6 @@ mod tests {
             skipped("mount_ids_tell_mounts_apart: no statx mount ids");
             return;
         };
-        assert_eq!(mount_id(fd.as_raw_fd()), Some(here));
-        assert_eq!(mount_id(-1), None);
         assert_eq!(mount_id_of(open_at(&fd, c"sub").unwrap()), Some(here));
         if !is_root() {
             skipped("mount_ids_tell_mounts_apart (a mount below): needs root");
