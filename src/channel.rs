@@ -4,6 +4,7 @@
 //! atomically and retries those that could not be written.
 
 use crate::fsutil::{self, Owner};
+use crate::machine::Persisted;
 use crate::protocol::{self, Invalid, RawRequest, Reply, StatusDoc};
 use std::collections::{BinaryHeap, HashSet, VecDeque};
 use std::fs;
@@ -1173,6 +1174,73 @@ impl Channel {
         while self.retired.len() > RETIRED_CAP {
             self.retired.pop_front();
         }
+    }
+
+    /// Saves latd's state ([`protocol::STATE_FILE`]): written aside,
+    /// renamed in place. No fsync: the rename is atomic, and a power loss
+    /// ends the builds too; a sync here could stall the loop for seconds.
+    pub fn write_state(&self, text: &[u8]) -> io::Result<()> {
+        fsutil::write_atomic(&self.via, protocol::STATE_FILE, text, 0o644, None, false)
+    }
+
+    /// Loads the state a latd before this one saved; a missing file is a
+    /// fresh start, a corrupt one is kept aside (never silently
+    /// overwritten) and a fresh start made.
+    pub fn load_state(&self) -> Persisted {
+        let path = self.at(protocol::STATE_FILE);
+        match fsutil::read_capped(&path, 16 << 20).map(|(bytes, _, _)| bytes) {
+            Ok(bytes) => match serde_json::from_slice(&bytes) {
+                Ok(p) => p,
+                Err(e) => {
+                    let aside = path.with_extension("json.corrupt");
+                    log::error!(
+                        "{} is unreadable ({e}); moved to {} and starting afresh",
+                        self.path(protocol::STATE_FILE).display(),
+                        aside.display()
+                    );
+                    let _ = fs::rename(&path, aside);
+                    Persisted::default()
+                }
+            },
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Persisted::default(),
+            Err(e) => {
+                log::error!(
+                    "cannot read {}: {e}; starting afresh",
+                    self.path(protocol::STATE_FILE).display()
+                );
+                Persisted::default()
+            }
+        }
+    }
+
+    /// What the serving latd's heartbeat file says (empty if unreadable).
+    pub fn read_alive(&self) -> String {
+        fsutil::read_capped(&self.at(protocol::ALIVE_FILE), 4096)
+            .map(|(b, _, _)| String::from_utf8_lossy(&b).into_owned())
+            .unwrap_or_default()
+    }
+
+    /// Removes the heartbeat file, as latd exits.
+    pub fn remove_alive(&self) {
+        let _ = fsutil::remove_if_present(&self.at(protocol::ALIVE_FILE));
+    }
+
+    /// Says, in [`lock::STANDBY_FILE`], what a latd that does not serve yet
+    /// waits for; clients show it.
+    pub fn write_standby(&self, text: &str) -> io::Result<()> {
+        fsutil::write_atomic(
+            &self.via,
+            crate::lock::STANDBY_FILE,
+            text.as_bytes(),
+            0o644,
+            None,
+            false,
+        )
+    }
+
+    /// Removes the standby file once latd serves (or gives up waiting).
+    pub fn remove_standby(&self) {
+        let _ = fsutil::remove_if_present(&self.at(crate::lock::STANDBY_FILE));
     }
 
     /// Lets go of the files replaced this tick; call after the replies.

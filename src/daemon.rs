@@ -176,9 +176,7 @@ const LOCK_SLOW: Duration = Duration::from_secs(2);
 
 /// Who holds the lock, from the heartbeat the serving latd writes.
 fn holder(channel: &Channel) -> String {
-    let text = crate::fsutil::read_capped(&channel.at(protocol::ALIVE_FILE), 4096)
-        .map(|(b, _, _)| String::from_utf8_lossy(&b).into_owned())
-        .unwrap_or_default();
+    let text = channel.read_alive();
     let field = |k: &str| {
         text.lines()
             .find_map(|l| l.strip_prefix(k)?.strip_prefix(':'))
@@ -235,7 +233,6 @@ fn wait_for_lock(channel: &Channel, shutdown: &AtomicBool) -> Option<lock::Chann
     let mut waiting: Option<String> = None;
     let mut logged: Option<(&'static str, String, Instant)> = None;
     let mut written: Option<Instant> = None;
-    let standby = channel.at(lock::STANDBY_FILE);
     let result = loop {
         if shutdown.load(Ordering::Relaxed) {
             log::info!("asked to exit while waiting for the channel's lock");
@@ -302,20 +299,13 @@ fn wait_for_lock(channel: &Channel, shutdown: &AtomicBool) -> Option<lock::Chann
                     "pid: {}\nsince: {since}\nwaiting_for: {what}\n",
                     std::process::id()
                 );
-                let _ = crate::fsutil::write_atomic(
-                    channel.io_dir(),
-                    lock::STANDBY_FILE,
-                    text.as_bytes(),
-                    0o644,
-                    None,
-                    false,
-                );
+                let _ = channel.write_standby(&text);
                 written = Some(Instant::now());
             }
         }
     };
     if written.is_some() {
-        let _ = fs::remove_file(&standby);
+        channel.remove_standby();
     }
     result
 }
@@ -406,8 +396,7 @@ pub fn run(settings: Settings) -> Result<(), String> {
 
     let clock = Clock::new();
     let now = clock.now();
-    let state_path = channel.at(protocol::STATE_FILE);
-    let persisted = effects::load_state(&state_path);
+    let persisted = channel.load_state();
     // The mark is the channel's identity (its directory's device and
     // inode), not its path: two daemons in one pid namespace, each on its
     // own volume mounted at the same path, never take each other's
@@ -491,7 +480,7 @@ pub fn run(settings: Settings) -> Result<(), String> {
     );
     driver::run(&mut machine, &mut d);
     d.procs.kill_jobs();
-    let _ = fs::remove_file(d.channel.at(protocol::ALIVE_FILE));
+    d.channel.remove_alive();
     log::info!("latd exiting");
     Ok(())
 }
@@ -774,16 +763,7 @@ impl Daemon {
         let Some(text) = &self.unsaved_state else {
             return;
         };
-        match crate::fsutil::write_atomic(
-            self.channel.io_dir(),
-            protocol::STATE_FILE,
-            text,
-            0o644,
-            None,
-            // No fsync: the rename is atomic, and a power loss ends the
-            // builds too; a sync here could stall the loop for seconds.
-            false,
-        ) {
+        match self.channel.write_state(text) {
             Ok(()) => {
                 if self.state_save_failed {
                     log::info!("state saved after a retry");

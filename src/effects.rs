@@ -3,7 +3,7 @@
 //! decisions are taken here beyond how to carry an effect out.
 
 use crate::machine::{
-    example_yaml, BuildKind, BuildRequest, Event, Exit, JobId, LogNews, Persisted, ProcessId, Sig,
+    example_yaml, BuildKind, BuildRequest, Event, Exit, JobId, LogNews, ProcessId, Sig,
     YamlOutcome,
 };
 use crate::mounts;
@@ -778,31 +778,6 @@ pub fn start_clean(
         let _ = done.send(Event::CleanDone { job, result });
         wake();
     });
-}
-
-/// Loads the persisted state; a missing file is a fresh start, a corrupt one
-/// is kept aside (never silently overwritten) and a fresh start made.
-pub fn load_state(path: &Path) -> Persisted {
-    match crate::fsutil::read_capped(path, 16 << 20).map(|(bytes, _, _)| bytes) {
-        Ok(bytes) => match serde_json::from_slice(&bytes) {
-            Ok(p) => p,
-            Err(e) => {
-                let aside = path.with_extension("json.corrupt");
-                log::error!(
-                    "{} is unreadable ({e}); moved to {} and starting afresh",
-                    path.display(),
-                    aside.display()
-                );
-                let _ = fs::rename(path, aside);
-                Persisted::default()
-            }
-        },
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Persisted::default(),
-        Err(e) => {
-            log::error!("cannot read {}: {e}; starting afresh", path.display());
-            Persisted::default()
-        }
-    }
 }
 
 #[cfg(test)]

@@ -466,20 +466,6 @@ impl EventKind {
             EventKind::Exiting => "exiting",
         }
     }
-
-    /// A request from a client (every one gets exactly one reply).
-    pub fn is_request(self) -> bool {
-        matches!(
-            self,
-            EventKind::Build
-                | EventKind::Status
-                | EventKind::Stop
-                | EventKind::Logs
-                | EventKind::Clean
-                | EventKind::GetYaml
-                | EventKind::Invalid
-        )
-    }
 }
 
 impl Event {
