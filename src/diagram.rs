@@ -16,35 +16,22 @@ trait Region: Copy + Ord + Debug + 'static {
     fn name(self) -> &'static str;
 }
 
-impl Region for StateKind {
-    const TITLE: &'static str = "build";
-    fn all() -> &'static [Self] {
-        &StateKind::ALL
-    }
-    fn name(self) -> &'static str {
-        StateKind::name(self)
-    }
+/// Each region's kind of state, its title, and its own `ALL` and `name`.
+macro_rules! region {
+    ($($kind:ident: $title:literal),* $(,)?) => {$(
+        impl Region for $kind {
+            const TITLE: &'static str = $title;
+            fn all() -> &'static [Self] {
+                &$kind::ALL
+            }
+            fn name(self) -> &'static str {
+                $kind::name(self)
+            }
+        }
+    )*};
 }
 
-impl Region for YamlKind {
-    const TITLE: &'static str = "getyaml";
-    fn all() -> &'static [Self] {
-        &YamlKind::ALL
-    }
-    fn name(self) -> &'static str {
-        YamlKind::name(self)
-    }
-}
-
-impl Region for Life {
-    const TITLE: &'static str = "life";
-    fn all() -> &'static [Self] {
-        &Life::ALL
-    }
-    fn name(self) -> &'static str {
-        Life::name(self)
-    }
-}
+region!(StateKind: "build", YamlKind: "getyaml", Life: "life");
 
 /// A Mermaid or DOT id for a state name.
 fn id(name: &str) -> String {

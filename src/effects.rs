@@ -3,8 +3,7 @@
 //! decisions are taken here beyond how to carry an effect out.
 
 use crate::machine::{
-    example_yaml, BuildKind, BuildRequest, Event, Exit, JobId, LogNews, ProcessId, Sig,
-    YamlOutcome,
+    example_yaml, BuildKind, BuildRequest, Event, Exit, JobId, LogNews, ProcessId, Sig, YamlOutcome,
 };
 use crate::mounts;
 use crate::sdklog::{self, LogWatch};

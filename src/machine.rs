@@ -578,6 +578,20 @@ macro_rules! target_of {
     };
 }
 
+/// One row of a table, as `transitions!` declares it (for the table and
+/// for the rule function alike).
+macro_rules! row_of {
+    ($S:ident, $D:ident, [$($from:ident),+] [$($on:ident),+] [$($guard:ident)?] $to:ident, $does:expr) => {
+        Row {
+            from: &[$($S::$from),+],
+            on: &[$(EventKind::$on),+],
+            guard: guard_of!($($guard)?),
+            to: target_of!($S, $to),
+            does: { use $D::*; $does },
+        }
+    };
+}
+
 /// Declares a region's table once: the const table (for the diagrams and
 /// the tests) and the rule function (a match with no wildcard arm: the
 /// compiler checks that every (state, event) cell is covered and, with
@@ -592,13 +606,7 @@ macro_rules! transitions {
     ) => {
         $(#[$doc])*
         pub const $table: &[Row<$S, $D>] = &[
-            $( Row {
-                from: &[$($S::$from),+],
-                on: &[$(EventKind::$on),+],
-                guard: guard_of!($($guard)?),
-                to: target_of!($S, $to),
-                does: { use $D::*; $does },
-            }, )*
+            $( row_of!($S, $D, [$($from),+] [$($on),+] [$($guard)?] $to, $does), )*
         ];
 
         /// The row that takes an event of kind `on` in `state`, given the
@@ -608,13 +616,8 @@ macro_rules! transitions {
             #[deny(unreachable_patterns)]
             match (state, on) {
                 $(
-                    ($($S::$from)|+, $(EventKind::$on)|+) $(if guards.holds(Guard::$guard))? => Row {
-                        from: &[$($S::$from),+],
-                        on: &[$(EventKind::$on),+],
-                        guard: guard_of!($($guard)?),
-                        to: target_of!($S, $to),
-                        does: { use $D::*; $does },
-                    },
+                    ($($S::$from)|+, $(EventKind::$on)|+) $(if guards.holds(Guard::$guard))? =>
+                        row_of!($S, $D, [$($from),+] [$($on),+] [$($guard)?] $to, $does),
                 )*
             }
         }
@@ -989,6 +992,23 @@ pub enum State {
     },
 }
 
+/// The build a state holds, by reference or mutably (one match for both:
+/// the binding mode follows the reference).
+macro_rules! build_of {
+    ($state:expr) => {
+        match $state {
+            State::Spawning { build, .. }
+            | State::Running { build }
+            | State::Deploying { build }
+            | State::Finishing { build, .. }
+            | State::Terminating { build, .. }
+            | State::Killing { build, .. }
+            | State::Reaping { build, .. } => Some(build),
+            State::Idle | State::Cleaning { .. } => None,
+        }
+    };
+}
+
 impl State {
     pub fn kind(&self) -> StateKind {
         match self {
@@ -1006,29 +1026,11 @@ impl State {
 
     /// The build this state is about, if any.
     pub fn build(&self) -> Option<&BuildRecord> {
-        match self {
-            State::Spawning { build, .. }
-            | State::Running { build }
-            | State::Deploying { build }
-            | State::Finishing { build, .. }
-            | State::Terminating { build, .. }
-            | State::Killing { build, .. }
-            | State::Reaping { build, .. } => Some(build),
-            State::Idle | State::Cleaning { .. } => None,
-        }
+        build_of!(self)
     }
 
     fn build_mut(&mut self) -> Option<&mut BuildRecord> {
-        match self {
-            State::Spawning { build, .. }
-            | State::Running { build }
-            | State::Deploying { build }
-            | State::Finishing { build, .. }
-            | State::Terminating { build, .. }
-            | State::Killing { build, .. }
-            | State::Reaping { build, .. } => Some(build),
-            State::Idle | State::Cleaning { .. } => None,
-        }
+        build_of!(self)
     }
 
     /// What status says the daemon is doing, where the state's name says
