@@ -587,21 +587,11 @@ pub fn release_mounts(build_id: u64, snapshot: &mounts::Snapshot, root: &Path) {
 }
 
 /// How long to wait before starting the SDK so that it does not open the
-/// `log.appsdk_<secs>` of an earlier build in `log_dir` (ms; 0 if none is
-/// of this second). At most 2 s.
+/// `log.appsdk_<secs>` of an earlier build in `log_dir` (see
+/// [`sdklog::pause_before_sdk`]).
 fn pause_before_sdk(log_dir: &fs::File) -> u64 {
-    let newest = crate::fsutil::dir_entries(log_dir)
-        .iter()
-        .filter_map(|n| n.strip_prefix("log.appsdk_")?.parse::<u64>().ok())
-        .max();
-    let now = crate::clock::wall_now();
-    match newest {
-        Some(secs) if secs.saturating_add(1).saturating_mul(1000) > now => {
-            let until = secs.saturating_add(1).saturating_mul(1000) + 20;
-            until.saturating_sub(now).min(2000)
-        }
-        _ => 0,
-    }
+    let names = crate::fsutil::dir_entries(log_dir);
+    sdklog::pause_before_sdk(names.iter().map(String::as_str), crate::clock::wall_now())
 }
 
 /// Every descendant of this process, from /proc.

@@ -289,9 +289,69 @@ pub fn prune(dir: &File, keep: usize) {
     }
 }
 
+/// How long (ms) to wait, at `now_ms`, before starting an SDK in a log
+/// directory holding the files `names`, so that it does not open (and
+/// append to) the `log.appsdk_<secs>` of an earlier build: until the
+/// newest one's second is past, and 20 ms more. At most 2 s: a name from
+/// the future is a client's, or a clock that went back.
+pub fn pause_before_sdk<'a>(names: impl Iterator<Item = &'a str>, now_ms: u64) -> u64 {
+    let newest = names
+        .filter_map(|n| n.strip_prefix("log.appsdk_")?.parse::<u64>().ok())
+        .max();
+    match newest {
+        Some(secs) if secs.saturating_add(1).saturating_mul(1000) > now_ms => {
+            let until = secs
+                .saturating_add(1)
+                .saturating_mul(1000)
+                .saturating_add(20);
+            until.saturating_sub(now_ms).min(2000)
+        }
+        _ => 0,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_sdk_waits_out_the_second_of_the_newest_log() {
+        let pause = |names: &[&str], now| pause_before_sdk(names.iter().copied(), now);
+        assert_eq!(pause(&[], 5_000_500), 0, "no log yet");
+        assert_eq!(
+            pause(&["log.appsdk_4999", "console.log"], 5_000_500),
+            0,
+            "an older second"
+        );
+        assert_eq!(
+            pause(&["log.appsdk_5000"], 5_000_500),
+            520,
+            "to the next second, and 20 ms"
+        );
+        assert_eq!(pause(&["log.appsdk_5000"], 5_000_999), 21);
+        assert_eq!(
+            pause(&["log.appsdk_5000"], 5_001_000),
+            0,
+            "that second is past"
+        );
+        assert_eq!(
+            pause(
+                &["log.appsdk_4000", "log.appsdk_5000", "log.appsdk_x"],
+                5_000_000
+            ),
+            1_020,
+            "the newest counts; junk names do not"
+        );
+        assert_eq!(
+            pause(&["log.appsdk_9999999"], 5_000_000),
+            2_000,
+            "at most 2 s"
+        );
+        assert_eq!(
+            pause(&["log.appsdk_18446744073709551615"], 5_000_000),
+            2_000
+        );
+    }
 
     fn scan(chunks: &[&str]) -> LogNews {
         let mut s = Scanner::default();
