@@ -3145,6 +3145,18 @@ fn status_says_what_a_build_is_doing_in_words() {
 }
 
 #[test]
+fn status_names_the_daemon_and_counts_its_uptime_in_whole_seconds() {
+    let r = idle();
+    let s = r.m.status(T0 + 12_345);
+    assert_eq!(s.uptime_s, 12);
+    assert_eq!(s.started_at, T0);
+    assert_eq!(s.updated_at, T0 + 12_345);
+    assert_eq!(s.daemon_pid, 7);
+    assert_eq!(s.version, "0.0.0-test");
+    assert_eq!(r.m.status(T0 - 5).uptime_s, 0, "a clock that went back");
+}
+
+#[test]
 fn status_says_what_a_stop_waits_for_and_when_its_next_step_comes() {
     let says = |r: &Rig| r.m.status(r.now).activity.unwrap_or_default();
     let grace_s = GRACE / 1000;
