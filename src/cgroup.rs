@@ -140,6 +140,20 @@ fn kill_dir(dir: &Path) {
     }
 }
 
+/// How many processes are in the cgroups of the builds of the channel
+/// marked `tag`.
+pub fn leftover_count(tag: &str) -> usize {
+    let Some(base) = base() else { return 0 };
+    let prefix = prefix(tag);
+    fs::read_dir(base)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with(&prefix))
+        .map(|e| pids_in(&e.path()).len())
+        .sum()
+}
+
 /// At start-up: kills whatever is left in the cgroups of the builds of
 /// the channel marked `tag` (a previous latd died), removes them, and
 /// returns how many processes there were.

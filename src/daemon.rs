@@ -50,6 +50,8 @@ pub const HEARTBEAT_EVERY: Duration = Duration::from_secs(2);
 const NETWORK_BUSY_POLL: Duration = Duration::from_millis(50);
 /// After a request, poll fast for this long (the next one often follows).
 const BUSY_AFTER_ACTIVITY: Duration = Duration::from_secs(2);
+/// How often the processes of an adopted build are looked for.
+const ADOPTED_LOOK_EVERY: Duration = Duration::from_millis(100);
 /// How often children are reaped when nothing says there is any to reap.
 const REAP_EVERY: Duration = Duration::from_secs(1);
 /// On exit, how long replies and state that could not be written are retried.
@@ -342,6 +344,8 @@ struct Daemon {
     /// The last wait ended on a signal (or a background job's wake-up).
     signalled: bool,
     last_reap: Instant,
+    /// When the processes of an adopted build were last looked for.
+    last_adopted_look: Instant,
     /// The latest persisted state, until it is written.
     unsaved_state: Option<Vec<u8>>,
     state_save_failed: bool,
@@ -411,7 +415,7 @@ pub fn run(settings: Settings) -> Result<(), String> {
     // (it was killed, or crashed) carries the channel's mark: kill it. The
     // state file names pids too, but it lies in the shared channel, and a
     // pid in it is not proof enough to kill.
-    let recovered = recover(&tag, persisted.current.as_ref(), settings.grace, &root);
+    let recovered = recover(&tag, persisted.current.as_ref(), &root);
     channel.clear_stale();
     let config = machine::Config {
         grace_ms: settings.grace.as_millis() as u64,
@@ -453,6 +457,7 @@ pub fn run(settings: Settings) -> Result<(), String> {
         last_activity: Instant::now(),
         signalled: true,
         last_reap: Instant::now(),
+        last_adopted_look: Instant::now(),
         unsaved_state: None,
         state_save_failed: false,
         last_heartbeat: None,
@@ -487,71 +492,29 @@ pub fn run(settings: Settings) -> Result<(), String> {
 
 /// Deals with what a previous latd on this channel left running (it was
 /// killed, or crashed), and reads what the build it ran logged. A build
-/// whose SDK had logged its success line gets the grace period to finish
-/// its deploy; everything else that carries the channel's mark is killed.
-fn recover(
-    tag: &str,
-    current: Option<&BuildRecord>,
-    grace: Duration,
-    root: &std::path::Path,
-) -> Recovered {
-    let read_log = |b: &BuildRecord| {
-        b.sdk_log
-            .iter()
-            .chain(std::iter::once(&b.log_file))
-            .find_map(|p| sdklog::scan_path(root, p).ok())
-            .unwrap_or_default()
-    };
+/// whose SDK had logged its success line and still runs is left to finish
+/// its deploy (the machine adopts it); everything else that carries the
+/// channel's mark is killed.
+fn recover(tag: &str, current: Option<&BuildRecord>, root: &std::path::Path) -> Recovered {
     if let Some(b) = current {
-        let log = read_log(b);
+        let log = effects::read_build_log(b, root);
         if (b.success_logged || log.success) && !effects::tagged(tag).is_empty() {
             log::warn!(
-                "build {} had logged its success when latd stopped; waiting up to {} s for its SDK to finish",
-                b.id,
-                grace.as_secs()
+                "build {} had logged its success when latd stopped and its SDK still runs: it is left to finish its deploy",
+                b.id
             );
-            let until = Instant::now() + grace;
-            while Instant::now() < until && !effects::tagged(tag).is_empty() {
-                std::thread::sleep(Duration::from_millis(100));
-            }
+            return Recovered {
+                finishing: true,
+                killed: 0,
+                log,
+            };
         }
     }
-    // What is left in the cgroups of this channel's builds first (nothing
-    // escapes those), then whatever carries the channel's mark.
-    let mut killed = crate::cgroup::kill_leftovers(tag) + effects::kill_tagged(tag);
-    let Some(b) = current else {
-        if killed > 0 {
-            log::warn!("killed {killed} processes a previous latd left behind");
-        }
-        return Recovered::default();
-    };
-    // A child forked just before the old latd died shows the mark only once
-    // it has exec'd: look again after a moment.
-    std::thread::sleep(Duration::from_millis(200));
-    killed += effects::kill_tagged(tag);
-    log::warn!(
-        "build {} was running when latd stopped; {killed} of its processes were left and killed",
-        b.id
-    );
-    // What it left mounted under its workdir goes too (known only once it
-    // had started: the mounts that were there before are kept).
-    // Only in the namespace they were noted in: a restarted container has
-    // a new one, where the dead build's mounts are gone with the old, and
-    // what is mounted was mounted before this latd started.
-    match (&b.mounts_before, &b.mounts_ns) {
-        (Some(before), Some(ns)) if *ns == crate::mounts::namespace() => {
-            let snapshot = crate::mounts::Snapshot::from_ids(&b.workdir, before);
-            effects::release_mounts(b.id, &snapshot, root);
-        }
-        (Some(_), _) => log::info!(
-            "build {}: its mounts were noted in another mount namespace (a new container): none of those here is its",
-            b.id
-        ),
-        (None, _) => {}
-    }
+    let (killed, log) = effects::clear_build_left(tag, current, root);
     Recovered {
+        finishing: false,
         killed,
-        log: read_log(b),
+        log,
     }
 }
 
@@ -560,7 +523,7 @@ impl driver::World for Daemon {
         self.clock.now()
     }
 
-    fn look(&mut self, _machine: &Machine) -> Vec<Event> {
+    fn look(&mut self, machine: &Machine) -> Vec<Event> {
         let mut seen = Vec::new();
         let made = self.channel.ensure().unwrap_or(false);
         if made || self.wakeup.fifo.is_none() {
@@ -580,6 +543,22 @@ impl driver::World for Daemon {
             seen.extend(self.procs.reap());
         }
         seen.extend(self.jobs_rx.try_iter());
+        if let machine::State::Adopted { build, .. } = machine.state() {
+            // Not our children: looked for, a few times a second.
+            if self.last_adopted_look.elapsed() >= ADOPTED_LOOK_EVERY {
+                self.last_adopted_look = Instant::now();
+                if !effects::anything_left(&self.sdk.tag) {
+                    log::info!("build {}: its SDK has finished", build.id);
+                    let (killed, log) =
+                        effects::clear_build_left(&self.sdk.tag, Some(build), &self.root);
+                    seen.push(Event::AdoptedGone {
+                        build_id: build.id,
+                        killed,
+                        log,
+                    });
+                }
+            }
+        }
         if let Ok(picks) = self.channel.scan() {
             // Requests are read one at a time; a batch that runs long is
             // cut, and the rest waits for the next pass.
@@ -739,6 +718,15 @@ impl Daemon {
             Effect::ReleaseMounts { build_id } => {
                 self.procs.release_mounts(build_id, &self.root);
                 None
+            }
+            Effect::ClearAdopted { build } => {
+                let (killed, log) =
+                    effects::clear_build_left(&self.sdk.tag, Some(&build), &self.root);
+                Some(Event::AdoptedGone {
+                    build_id: build.id,
+                    killed,
+                    log,
+                })
             }
             Effect::CancelJob { job } => {
                 self.procs.cancel_job(job);

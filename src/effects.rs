@@ -3,7 +3,8 @@
 //! decisions are taken here beyond how to carry an effect out.
 
 use crate::machine::{
-    example_yaml, BuildKind, BuildRequest, Event, Exit, JobId, LogNews, ProcessId, Sig, YamlOutcome,
+    example_yaml, BuildKind, BuildRecord, BuildRequest, Event, Exit, JobId, LogNews, ProcessId,
+    Sig, YamlOutcome,
 };
 use crate::mounts;
 use crate::sdklog::{self, LogWatch};
@@ -698,6 +699,62 @@ pub fn process_start_ticks(pid: i32) -> Option<u64> {
     // The command name may contain spaces; fields resume after the last ')'.
     let rest = &stat[stat.rfind(')')? + 2..];
     rest.split_whitespace().nth(19)?.parse().ok()
+}
+
+/// What the log of build `b` (one a previous latd ran) shows.
+pub fn read_build_log(b: &BuildRecord, root: &Path) -> LogNews {
+    b.sdk_log
+        .iter()
+        .chain(std::iter::once(&b.log_file))
+        .find_map(|p| sdklog::scan_path(root, p).ok())
+        .unwrap_or_default()
+}
+
+/// Whether anything is left of what a previous latd on this channel
+/// started: a process with the channel's mark, or one in its builds'
+/// cgroups.
+pub fn anything_left(tag: &str) -> bool {
+    crate::cgroup::leftover_count(tag) > 0 || !tagged(tag).is_empty()
+}
+
+/// Kills what a previous latd on this channel left: what is in its
+/// builds' cgroups first (nothing escapes those), then whatever carries
+/// the channel's mark; releases what its build `current` left mounted;
+/// reads that build's log. Returns how many processes were killed, and
+/// the log.
+pub fn clear_build_left(tag: &str, current: Option<&BuildRecord>, root: &Path) -> (usize, LogNews) {
+    let mut killed = crate::cgroup::kill_leftovers(tag) + kill_tagged(tag);
+    let Some(b) = current else {
+        if killed > 0 {
+            log::warn!("killed {killed} processes a previous latd left behind");
+        }
+        return (killed, LogNews::default());
+    };
+    // A child forked just before the old latd died shows the mark only once
+    // it has exec'd: look again after a moment.
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    killed += kill_tagged(tag);
+    log::warn!(
+        "build {} was started by the latd before this one; {killed} of its processes were left and killed",
+        b.id
+    );
+    // What it left mounted under its workdir goes too (known only once it
+    // had started: the mounts that were there before are kept).
+    // Only in the namespace they were noted in: a restarted container has
+    // a new one, where the dead build's mounts are gone with the old, and
+    // what is mounted was mounted before this latd started.
+    match (&b.mounts_before, &b.mounts_ns) {
+        (Some(before), Some(ns)) if *ns == mounts::namespace() => {
+            let snapshot = mounts::Snapshot::from_ids(&b.workdir, before);
+            release_mounts(b.id, &snapshot, root);
+        }
+        (Some(_), _) => log::info!(
+            "build {}: its mounts were noted in another mount namespace (a new container): none of those here is its",
+            b.id
+        ),
+        (None, _) => {}
+    }
+    (killed, read_build_log(b, root))
 }
 
 /// Kills every process that carries `TAG_VAR=tag` in its environment: what

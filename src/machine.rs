@@ -152,6 +152,10 @@ pub struct LogNews {
 /// one died.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Recovered {
+    /// Its SDK had logged its success line and its processes still run:
+    /// they are left to finish the deploy (state adopted), the grace
+    /// period at most. Nothing was killed yet.
+    pub finishing: bool,
     /// Its processes that were still running and were killed.
     pub killed: usize,
     /// What its log shows, if it could be read.
@@ -191,6 +195,10 @@ pub enum Effect {
     Signal { build_id: u64, sig: Sig },
     /// Remove the build outputs under `workdir`; report [`Event::CleanDone`].
     StartClean { job: JobId, workdir: PathBuf },
+    /// Kill what is left of the adopted build `build` (its cgroup, the
+    /// processes with the channel's mark), release what it left mounted,
+    /// read its log; report [`Event::AdoptedGone`].
+    ClearAdopted { build: BuildRecord },
     /// Run `appsdk exampleyamls` in `workdir`; report [`Event::YamlDone`].
     StartGetYaml { job: JobId, workdir: PathBuf },
     /// Unmount what build `build_id` left mounted under its workdir (none
@@ -284,6 +292,13 @@ pub enum Event {
     YamlDone {
         job: JobId,
         outcome: YamlOutcome,
+    },
+    /// Nothing is left of the adopted build (it finished, or what was left
+    /// was killed: `killed` processes); `log` is what its log shows now.
+    AdoptedGone {
+        build_id: u64,
+        killed: usize,
+        log: LogNews,
     },
     /// A timer the machine asked for is due (see [`Machine::next_timer`]).
     Timeout(Timer),
@@ -397,6 +412,7 @@ pub enum EventKind {
     GroupGone,
     CleanDone,
     YamlDone,
+    AdoptedGone,
     /// [`Timer::Grace`] is due.
     GraceOver,
     /// [`Timer::KillWait`] is due.
@@ -413,7 +429,7 @@ pub enum EventKind {
 }
 
 impl EventKind {
-    pub const ALL: [EventKind; 23] = [
+    pub const ALL: [EventKind; 24] = [
         EventKind::Build,
         EventKind::Status,
         EventKind::Stop,
@@ -430,6 +446,7 @@ impl EventKind {
         EventKind::GroupGone,
         EventKind::CleanDone,
         EventKind::YamlDone,
+        EventKind::AdoptedGone,
         EventKind::GraceOver,
         EventKind::KillWaitOver,
         EventKind::KillRepeatDue,
@@ -457,6 +474,7 @@ impl EventKind {
             EventKind::GroupGone => "group-gone",
             EventKind::CleanDone => "clean-done",
             EventKind::YamlDone => "yaml-done",
+            EventKind::AdoptedGone => "adopted-gone",
             EventKind::GraceOver => "grace-over",
             EventKind::KillWaitOver => "kill-wait-over",
             EventKind::KillRepeatDue => "kill-repeat-due",
@@ -491,6 +509,7 @@ impl Event {
             Event::GroupGone { .. } => EventKind::GroupGone,
             Event::CleanDone { .. } => EventKind::CleanDone,
             Event::YamlDone { .. } => EventKind::YamlDone,
+            Event::AdoptedGone { .. } => EventKind::AdoptedGone,
             Event::Timeout(Timer::Grace) => EventKind::GraceOver,
             Event::Timeout(Timer::KillWait) => EventKind::KillWaitOver,
             Event::Timeout(Timer::KillRepeat) => EventKind::KillRepeatDue,
@@ -640,10 +659,11 @@ pub enum StateKind {
     Killing,
     Reaping,
     Cleaning,
+    Adopted,
 }
 
 impl StateKind {
-    pub const ALL: [StateKind; 9] = [
+    pub const ALL: [StateKind; 10] = [
         StateKind::Idle,
         StateKind::Spawning,
         StateKind::Running,
@@ -653,6 +673,7 @@ impl StateKind {
         StateKind::Killing,
         StateKind::Reaping,
         StateKind::Cleaning,
+        StateKind::Adopted,
     ];
 
     pub fn name(self) -> &'static str {
@@ -665,6 +686,7 @@ impl StateKind {
             StateKind::Terminating => "terminating",
             StateKind::Killing => "killing",
             StateKind::Reaping => "reaping",
+            StateKind::Adopted => "adopted",
             StateKind::Cleaning => "cleaning",
         }
     }
@@ -674,7 +696,10 @@ impl StateKind {
     pub fn status_name(self) -> &'static str {
         match self {
             StateKind::Idle => "idle",
-            StateKind::Spawning | StateKind::Running | StateKind::Deploying => "building",
+            StateKind::Spawning
+            | StateKind::Running
+            | StateKind::Deploying
+            | StateKind::Adopted => "building",
             StateKind::Finishing
             | StateKind::Terminating
             | StateKind::Killing
@@ -736,6 +761,14 @@ pub enum BuildDoes {
     CleanFinished,
     /// A shutdown interrupts the clean; its requester is told.
     InterruptClean,
+    /// A stop waits for the adopted build to be gone.
+    JoinAdopted,
+    /// The adopted build's grace is over (or latd must exit): kill what
+    /// is left of it.
+    ClearAdopted,
+    /// Nothing is left of the adopted build: record its result, answer
+    /// the stops.
+    AdoptedEnded,
 }
 
 const BUILD_RUNNING: &str = "a build is already running";
@@ -752,6 +785,7 @@ transitions! {
         [Spawning, Running, Deploying] [Build, Clean] => stay: Refuse(BUILD_RUNNING);
         [Finishing, Terminating, Killing, Reaping] [Build, Clean] => stay: Refuse(STOP_RUNNING);
         [Cleaning] [Build, Clean] => stay: Refuse(CLEAN_RUNNING);
+        [Adopted] [Build, Clean] => stay: Refuse(BUILD_RUNNING);
 
         // a build's life
         [Spawning] [Spawned] => Running: BuildStarted;
@@ -776,6 +810,11 @@ transitions! {
         [Finishing, Terminating, Killing, Reaping] [Stop] => stay: JoinStop;
         [Finishing, Terminating, Killing, Reaping] [Shutdown] => stay: ShutdownJoins;
 
+        // a build the last latd started, finishing its deploy
+        [Adopted] [Stop] => stay: JoinAdopted;
+        [Adopted] [GraceOver, Shutdown] => stay: ClearAdopted;
+        [Adopted] [AdoptedGone] => Idle: AdoptedEnded;
+
         // clean
         [Cleaning] [CleanDone] => Idle: CleanFinished;
         [Cleaning] [Shutdown] => Idle: InterruptClean;
@@ -787,10 +826,12 @@ transitions! {
         [Running, Deploying, Finishing, Terminating, Killing, Reaping] [Spawned, SpawnFailed] => stay: Ignore;
         [Reaping] [LeaderExited, BuildExited] => stay: Ignore;
         [Idle, Spawning, Running, Deploying, Finishing, Terminating, Killing, Cleaning] [GroupGone] => stay: Ignore;
-        [Idle, Spawning, Running, Deploying, Finishing, Terminating, Killing, Reaping] [CleanDone] => stay: Ignore;
+        [Idle, Spawning, Running, Deploying, Finishing, Terminating, Killing, Reaping, Adopted] [CleanDone] => stay: Ignore;
+        [Adopted] [Spawned, SpawnFailed, LogRead, SuccessLine, LeaderExited, BuildExited, GroupGone, KillWaitOver, KillRepeatDue] => stay: Ignore;
+        [Idle, Spawning, Running, Deploying, Finishing, Terminating, Killing, Reaping, Cleaning] [AdoptedGone] => stay: Ignore;
         [Idle, Spawning, Running, Deploying, Killing, Reaping, Cleaning] [GraceOver] => stay: Ignore;
         [Idle, Spawning, Running, Deploying, Finishing, Terminating, Cleaning] [KillWaitOver, KillRepeatDue] => stay: Ignore;
-        [Idle, Spawning, Running, Deploying, Finishing, Terminating, Killing, Reaping, Cleaning]
+        [Idle, Spawning, Running, Deploying, Finishing, Terminating, Killing, Reaping, Cleaning, Adopted]
             [Status, Logs, Invalid, GetYaml, YamlDone, GetyamlOverdue, Drained, Exiting] => stay: Ignore;
     }
 }
@@ -851,8 +892,8 @@ transitions! {
         [Running] [Exiting] => Idle: AbandonGetYaml;
         [Idle] [YamlDone, GetyamlOverdue, Exiting] => stay: Ignore;
         [Idle, Running] [Build, Status, Stop, Logs, Clean, Invalid, Spawned, SpawnFailed, LogRead,
-            SuccessLine, LeaderExited, BuildExited, GroupGone, CleanDone, GraceOver, KillWaitOver, KillRepeatDue,
-            Shutdown, Drained] => stay: Ignore;
+            SuccessLine, LeaderExited, BuildExited, GroupGone, CleanDone, AdoptedGone, GraceOver, KillWaitOver,
+            KillRepeatDue, Shutdown, Drained] => stay: Ignore;
     }
 }
 
@@ -914,8 +955,8 @@ transitions! {
         [Draining, Exited] [Shutdown] => stay: Ignore;
         [Serving, Exited] [Drained] => stay: Ignore;
         [Serving, Draining, Exited] [Spawned, SpawnFailed, LogRead, SuccessLine, LeaderExited,
-            BuildExited, GroupGone, CleanDone, YamlDone, GraceOver, KillWaitOver, KillRepeatDue, GetyamlOverdue,
-            Exiting] => stay: Ignore;
+            BuildExited, GroupGone, CleanDone, YamlDone, AdoptedGone, GraceOver, KillWaitOver, KillRepeatDue,
+            GetyamlOverdue, Exiting] => stay: Ignore;
     }
 }
 
@@ -990,6 +1031,15 @@ pub enum State {
         job: JobId,
         requester: ReqId,
     },
+    /// A build the last latd started, found at start-up after its success
+    /// line with its processes still running: they are left to finish the
+    /// deploy, for the grace period at most. Not our children: the driver
+    /// looks for them, and reports when none is left.
+    Adopted {
+        build: BuildRecord,
+        /// Stop requests, answered when it is gone.
+        waiters: Vec<ReqId>,
+    },
 }
 
 /// The build a state holds, by reference or mutably (one match for both:
@@ -1003,7 +1053,8 @@ macro_rules! build_of {
             | State::Finishing { build, .. }
             | State::Terminating { build, .. }
             | State::Killing { build, .. }
-            | State::Reaping { build, .. } => Some(build),
+            | State::Reaping { build, .. }
+            | State::Adopted { build, .. } => Some(build),
             State::Idle | State::Cleaning { .. } => None,
         }
     };
@@ -1020,6 +1071,7 @@ impl State {
             State::Terminating { .. } => StateKind::Terminating,
             State::Killing { .. } => StateKind::Killing,
             State::Reaping { .. } => StateKind::Reaping,
+            State::Adopted { .. } => StateKind::Adopted,
             State::Cleaning { .. } => StateKind::Cleaning,
         }
     }
@@ -1042,6 +1094,7 @@ impl State {
             State::Killing { .. } => ("SIGKILL sent; waiting for the build's processes to go", Some(Timer::KillWait)),
             State::Reaping { .. } => ("the SDK has exited; SIGKILL sent to the processes it left; waiting for them to go", Some(Timer::KillWait)),
             State::Deploying { .. } => ("the SDK logged its success line and is finishing its deploy", None),
+            State::Adopted { .. } => ("started by the latd before this one, the SDK logged its success line and is finishing its deploy; waiting for it to exit by itself", Some(Timer::Grace)),
             State::Spawning { build, .. } | State::Running { build } if build.sdk_log.is_none() => {
                 ("starting: the SDK has not created its log yet", None)
             }
@@ -1091,29 +1144,33 @@ impl Machine {
         let mut history: VecDeque<BuildRecord> = persisted.history.into();
         let mut next_build_id = persisted.next_build_id.max(1);
         let mut recovered_end_log = Vec::new();
+        let mut state = State::Idle;
+        let mut timers = Timers::default();
         if let Some(mut b) = persisted.current {
-            if let Some(file) = found.log.file {
-                b.sdk_log = Some(file);
-            }
-            b.success_logged |= found.log.success;
-            if b.error_line.is_none() {
-                b.error_line = found.log.error;
-            }
-            let (outcome, reason) = recovered_outcome(&b, found.killed);
-            b.finish(now, None, outcome, reason);
-            recovered_end_log.extend(end_log(&b));
+            note_recovered_log(&mut b, &found.log);
             next_build_id = next_build_id.max(b.id + 1);
-            history.push_back(b);
+            if found.finishing {
+                timers.arm(Timer::Grace, now.saturating_add(config.grace_ms));
+                state = State::Adopted {
+                    build: b,
+                    waiters: Vec::new(),
+                };
+            } else {
+                let (outcome, reason) = recovered_outcome(&b, found.killed);
+                b.finish(now, None, outcome, reason);
+                recovered_end_log.extend(end_log(&b));
+                history.push_back(b);
+            }
         }
         for b in &history {
             next_build_id = next_build_id.max(b.id + 1);
         }
         let mut m = Machine {
             config,
-            state: State::Idle,
+            state,
             getyaml: None,
             life: Life::Serving,
-            timers: Timers::default(),
+            timers,
             next_build_id,
             next_job: 1,
             history,
@@ -1268,6 +1325,9 @@ impl Machine {
             | Event::LogRead { build_id, .. }
             | Event::BuildExited { build_id, .. }
             | Event::GroupGone { build_id } => live == Some(*build_id),
+            Event::AdoptedGone { build_id, .. } => {
+                matches!(&self.state, State::Adopted { build, .. } if build.id == *build_id)
+            }
             Event::CleanDone { job, .. } => {
                 matches!(self.state, State::Cleaning { job: j, .. } if j == *job)
             }
@@ -1359,7 +1419,10 @@ impl Machine {
     /// A state's timers go with it.
     fn disarm_unowned(&mut self) {
         let kind = self.state.kind();
-        if !matches!(kind, StateKind::Finishing | StateKind::Terminating) {
+        if !matches!(
+            kind,
+            StateKind::Finishing | StateKind::Terminating | StateKind::Adopted
+        ) {
             self.timers.grace = None;
         }
         if !matches!(kind, StateKind::Killing | StateKind::Reaping) {
@@ -1717,6 +1780,43 @@ impl Machine {
                 };
                 self.end_stop(now, build, stop, exit, fx)
             }
+            BuildDoes::JoinAdopted => {
+                let (State::Adopted { build, mut waiters }, Event::Request { id, .. }) =
+                    (old, event)
+                else {
+                    table_bug("join-adopted", event)
+                };
+                waiters.push(*id);
+                State::Adopted { build, waiters }
+            }
+            BuildDoes::ClearAdopted => {
+                let State::Adopted { build, waiters } = old else {
+                    table_bug("clear-adopted", event)
+                };
+                self.timers.grace = None;
+                fx.push(Effect::ClearAdopted {
+                    build: build.clone(),
+                });
+                State::Adopted { build, waiters }
+            }
+            BuildDoes::AdoptedEnded => {
+                let (State::Adopted { mut build, waiters }, Event::AdoptedGone { killed, log, .. }) =
+                    (old, event)
+                else {
+                    table_bug("adopted-ended", event)
+                };
+                note_recovered_log(&mut build, log);
+                let (outcome, reason) = recovered_outcome(&build, *killed);
+                build.finish(now, None, outcome, reason);
+                fx.extend(end_log(&build));
+                for id in waiters {
+                    fx.push(Effect::Reply {
+                        id,
+                        reply: Reply::succeed("stop"),
+                    });
+                }
+                self.finish_build(build)
+            }
             BuildDoes::StartClean => {
                 let Event::Request {
                     id,
@@ -1767,9 +1867,6 @@ impl Machine {
         }
     }
 
-    /// The build of a live state; a build request still waiting for the
-    /// spawn's outcome (only with a driver that breaks the calling rule)
-    /// is answered.
     /// SIGKILL to the build, and again every [`KILL_REPEAT_MS`] while it
     /// lasts (the state that kills owns the repeat).
     fn kill(&mut self, now: Millis, build_id: u64, fx: &mut Vec<Effect>) {
@@ -1781,6 +1878,9 @@ impl Machine {
             .arm(Timer::KillRepeat, now.saturating_add(KILL_REPEAT_MS));
     }
 
+    /// The build of a live state; a build request still waiting for the
+    /// spawn's outcome (only with a driver that breaks the calling rule)
+    /// is answered.
     fn take_build(&mut self, old: State, fx: &mut Vec<Effect>) -> BuildRecord {
         match old {
             State::Spawning { build, requester } => {
@@ -1796,7 +1896,9 @@ impl Machine {
             | State::Terminating { build, .. }
             | State::Killing { build, .. }
             | State::Reaping { build, .. } => build,
-            State::Idle | State::Cleaning { .. } => unreachable!("no build in {old:?}"),
+            State::Idle | State::Cleaning { .. } | State::Adopted { .. } => {
+                unreachable!("no build of ours in {old:?}")
+            }
         }
     }
 
@@ -2091,6 +2193,17 @@ fn end_log(b: &BuildRecord) -> Option<Effect> {
 
 /// The outcome of a build that was running when the daemon died, from its
 /// log and from whether its processes were still running (`killed`).
+/// What the log of a build the last latd ran shows, noted in its record.
+fn note_recovered_log(b: &mut BuildRecord, log: &LogNews) {
+    if let Some(file) = &log.file {
+        b.sdk_log = Some(file.clone());
+    }
+    b.success_logged |= log.success;
+    if b.error_line.is_none() {
+        b.error_line = log.error.clone();
+    }
+}
+
 fn recovered_outcome(b: &BuildRecord, killed: usize) -> (Outcome, Option<String>) {
     let leftovers = match killed {
         0 => "none of its processes were left".to_string(),

@@ -298,6 +298,18 @@ fn kill_wait_over(r: &mut Rig) -> Event {
     r.now += KILL_WAIT_MS;
     Event::Timeout(Timer::KillWait)
 }
+/// Nothing is left of the adopted build; its log shows its success.
+fn adopted_gone(r: &mut Rig) -> Event {
+    Event::AdoptedGone {
+        build_id: r.bid(),
+        killed: 0,
+        log: LogNews {
+            file: Some("/w/log/log.appsdk_1700000000".into()),
+            success: true,
+            error: None,
+        },
+    }
+}
 /// The time to send SIGKILL again has come.
 fn kill_repeat_due(r: &mut Rig) -> Event {
     r.now += KILL_REPEAT_MS;
@@ -414,6 +426,30 @@ fn with_getyaml(mut r: Rig) -> Rig {
     assert_eq!(r.m.yaml_kind(), YamlKind::Running);
     r
 }
+/// Adopted: latd started and found the build the last one ran after its
+/// success line, its SDK still running.
+fn adopted() -> Rig {
+    let mut r = Rig::with_machine(Machine::new(
+        config(5),
+        Persisted {
+            next_build_id: 8,
+            current: Some(BuildRecord {
+                success_logged: true,
+                ..running_record(7)
+            }),
+            history: Vec::new(),
+        },
+        T0,
+        Recovered {
+            finishing: true,
+            killed: 0,
+            log: LogNews::default(),
+        },
+    ));
+    r.build_id = Some(7);
+    assert_eq!(r.kind(), S::Adopted);
+    r
+}
 fn idle_yaml() -> Rig {
     with_getyaml(idle())
 }
@@ -450,6 +486,7 @@ const GIVENS: &[(&str, Given)] = &[
     ("reaping", reaping),
     ("stopping_reaped", stopping_reaped),
     ("cleaning", cleaning),
+    ("adopted", adopted),
     ("idle_yaml", idle_yaml),
     ("building_yaml", building_yaml),
     ("stopping_yaml", stopping_yaml),
@@ -477,6 +514,7 @@ const MAKERS: &[MakeEvent] = &[
     group_gone,
     clean_ok,
     yaml_ok,
+    adopted_gone,
     grace_over,
     kill_wait_over,
     kill_repeat_due,
@@ -505,6 +543,8 @@ enum W {
     Ok(&'static str),
     /// A `fail` reply echoing this action, its reason containing this text.
     Fail(&'static str, &'static str),
+    /// `ClearAdopted` of the live (adopted) build.
+    ClearAdopted,
     Exit,
 }
 
@@ -520,6 +560,7 @@ const GETYAML: W = W::GetYaml;
 const CANCEL: W = W::Cancel;
 const UNMOUNT: W = W::Unmount;
 const EXIT: W = W::Exit;
+const CLEAR: W = W::ClearAdopted;
 const fn ok(action: &'static str) -> W {
     W::Ok(action)
 }
@@ -557,6 +598,7 @@ fn check(fx: &[Effect], want: &[W], live_build: Option<u64>, ctx: &str) {
                         .is_some_and(|r| r.contains(why))
             }
             (W::Exit, Effect::Exit) => true,
+            (W::ClearAdopted, Effect::ClearAdopted { build }) => Some(build.id) == live_build,
             _ => false,
         };
         assert!(good, "{ctx}: got {e:#?}, want {w:?}\nall effects: {fx:#?}");
@@ -764,6 +806,13 @@ const SPEC: &[Spec] = &[
     row(B(S::Cleaning), E::Stop,          NO,        cleaning,        stop,            B(S::Cleaning),    &[ok("stop")]),
     row(B(S::Cleaning), E::CleanDone,     NO,        cleaning,        clean_ok,        B(S::Idle),        &[PERSIST, STATUS, ok("clean")]),
     row(B(S::Cleaning), E::Shutdown,      NO,        cleaning,        shutdown,        B(S::Idle),        &[PERSIST, STATUS, fail("clean", "interrupted"), EXIT]),
+
+    row(B(S::Adopted),  E::Build,         NO,        adopted,         build,           B(S::Adopted),     &[fail("build", RUNNING)]),
+    row(B(S::Adopted),  E::Clean,         NO,        adopted,         clean,           B(S::Adopted),     &[fail("clean", RUNNING)]),
+    row(B(S::Adopted),  E::Stop,          NO,        adopted,         stop,            B(S::Adopted),     &[]),
+    row(B(S::Adopted),  E::GraceOver,     NO,        adopted,         grace_over,      B(S::Adopted),     &[CLEAR]),
+    row(B(S::Adopted),  E::Shutdown,      NO,        adopted,         shutdown,        B(S::Adopted),     &[CLEAR]),
+    row(B(S::Adopted),  E::AdoptedGone,   NO,        adopted,         adopted_gone,    B(S::Idle),        &[PERSIST, STATUS]),
 
     row(Y(NOYAML),      E::GetYaml,       CLEANS,    cleaning,        getyaml,         Y(NOYAML),         &[fail("getyaml", CLEANING)]),
     row(Y(NOYAML),      E::GetYaml,       NO,        idle,            getyaml,         Y(YAML),           &[GETYAML]),
@@ -1561,6 +1610,7 @@ fn restart_records_the_interrupted_build_failed() {
         persisted,
         T0,
         Recovered {
+            finishing: false,
             killed: 2,
             log: LogNews::default(),
         },
@@ -2225,6 +2275,9 @@ impl World {
                     assert_ne!(b.outcome, Outcome::Succeeded, "{ctx}");
                     assert!(line.contains("ERROR: "), "{ctx}");
                 }
+                Effect::ClearAdopted { .. } => {
+                    panic!("{ctx}: these runs start afresh: no build is adopted")
+                }
                 Effect::ReleaseMounts { build_id } => {
                     // Only once nothing of the build runs (or SIGKILL could
                     // not end it), and before anyone is told it ended.
@@ -2625,6 +2678,9 @@ fn random_runs_reach_every_acting_cell() {
         // The driver reports what the SDK logged last before its leader's
         // exit: nothing is read in reaping.
         .filter(|&(s, on)| s != S::Reaping || !matches!(on, E::LogRead | E::SuccessLine))
+        // These runs start afresh; only a start after a crash adopts a
+        // build (its cells are the spec's and the scenarios' below).
+        .filter(|&(s, _)| s != S::Adopted)
         .filter(|cell| !visited.contains(cell))
         .map(|(s, on)| format!("{} × {}", s.name(), on.name()))
         .collect();
@@ -3007,6 +3063,119 @@ fn recovered_build(found: Recovered) -> BuildRecord {
 }
 
 #[test]
+fn an_adopted_build_that_finishes_succeeds_and_answers_the_stops_that_waited() {
+    let mut r = adopted();
+    assert_eq!(
+        r.m.timer(Timer::Grace),
+        Some(T0 + GRACE),
+        "waited for, the grace at most"
+    );
+    let st = r.m.status(r.now);
+    assert_eq!(
+        (
+            st.lat_status.as_str(),
+            st.state.as_str(),
+            st.build_status.as_str()
+        ),
+        ("busy", "building", "running"),
+        "clients see the build still running"
+    );
+    assert!(st
+        .activity
+        .unwrap()
+        .starts_with("started by the latd before this one, the SDK logged its success line"));
+    let (stop, fx) = r.ask(Request::Stop);
+    assert!(fx.is_empty(), "the stop waits: {fx:?}");
+    let (_, fx) = r.ask(Request::Build(build_req("/w")));
+    check(&fx, &[fail("build", RUNNING)], Some(7), "build");
+    r.now += 3_000;
+    let fx = r.go(adopted_gone);
+    check(&fx, &[PERSIST, STATUS, ok("stop")], Some(7), "gone");
+    assert_eq!(reply_to(&fx, stop).result, ReplyResult::Succeed);
+    assert_eq!(r.kind(), S::Idle);
+    assert_eq!(r.m.next_timer(), None);
+    let b = r.last_build();
+    assert_eq!(
+        (b.id, b.outcome, b.ended_at),
+        (7, Outcome::Succeeded, Some(T0 + 3_000))
+    );
+    assert_eq!(b.sdk_log, Some("/w/log/log.appsdk_1700000000".into()));
+    // And the next build gets the next id.
+    r.go(build);
+    assert_eq!(r.m.state().build().unwrap().id, 8);
+}
+
+#[test]
+fn an_adopted_build_still_running_at_the_grace_end_is_killed_and_interrupted() {
+    let mut r = adopted();
+    r.now += GRACE;
+    let fx = r.go(|_| Event::Timeout(Timer::Grace));
+    check(&fx, &[CLEAR], Some(7), "grace over");
+    assert_eq!(r.m.next_timer(), None, "the grace is spent");
+    let fx = r.go(|r| Event::AdoptedGone {
+        build_id: r.bid(),
+        killed: 2,
+        log: LogNews::default(),
+    });
+    check(&fx, &[PERSIST, STATUS], Some(7), "killed");
+    let b = r.last_build();
+    assert_eq!(b.outcome, Outcome::Failed);
+    assert!(b.fail_reason.unwrap().contains(
+        "interrupted: latd was restarted while this build finished its deploy after its success line; its 2 leftover processes were killed, so deploy/ may be incomplete"
+    ));
+}
+
+#[test]
+fn an_adopted_build_whose_log_shows_an_error_failed_and_says_so_in_its_log() {
+    let mut r = adopted();
+    let fx = r.go(|r| Event::AdoptedGone {
+        build_id: r.bid(),
+        killed: 0,
+        log: LogNews {
+            file: Some("/w/log/log.appsdk_1700000000".into()),
+            success: true,
+            error: Some("appsdk - ERROR: deploy failed".into()),
+        },
+    });
+    // An error line is in the log already: no end line is added.
+    check(&fx, &[PERSIST, STATUS], Some(7), "gone");
+    let b = r.last_build();
+    assert_eq!(b.outcome, Outcome::Failed);
+    assert!(b
+        .fail_reason
+        .unwrap()
+        .contains("appsdk - ERROR: deploy failed"));
+}
+
+#[test]
+fn a_shutdown_while_a_build_is_adopted_kills_what_is_left_then_exits() {
+    let mut r = adopted();
+    let fx = r.go(shutdown);
+    check(&fx, &[CLEAR], Some(7), "shutdown");
+    assert_eq!(r.m.life(), Life::Draining);
+    let fx = r.go(|r| Event::AdoptedGone {
+        build_id: r.bid(),
+        killed: 1,
+        log: LogNews::default(),
+    });
+    assert!(matches!(fx.last(), Some(Effect::Exit)), "{fx:#?}");
+    assert!(r.m.has_exited());
+    assert_eq!(r.last_build().outcome, Outcome::Failed);
+}
+
+#[test]
+fn a_stale_adopted_gone_changes_nothing() {
+    let mut r = adopted();
+    let fx = r.go(|_| Event::AdoptedGone {
+        build_id: 6,
+        killed: 0,
+        log: LogNews::default(),
+    });
+    assert!(fx.is_empty());
+    assert_eq!(r.kind(), S::Adopted);
+}
+
+#[test]
 fn a_build_that_finished_while_latd_was_down_gets_the_result_its_log_shows() {
     let log = |success: bool, error: Option<&str>| LogNews {
         file: Some("/w/log/log.appsdk_1700000000".into()),
@@ -3014,6 +3183,7 @@ fn a_build_that_finished_while_latd_was_down_gets_the_result_its_log_shows() {
         error: error.map(String::from),
     };
     let b = recovered_build(Recovered {
+        finishing: false,
         killed: 0,
         log: log(true, None),
     });
@@ -3021,6 +3191,7 @@ fn a_build_that_finished_while_latd_was_down_gets_the_result_its_log_shows() {
     assert_eq!(b.sdk_log, Some("/w/log/log.appsdk_1700000000".into()));
 
     let b = recovered_build(Recovered {
+        finishing: false,
         killed: 0,
         log: log(false, Some("appsdk - ERROR: boom")),
     });
@@ -3032,6 +3203,7 @@ fn a_build_that_finished_while_latd_was_down_gets_the_result_its_log_shows() {
 
     // Its processes were still running (killed): the deploy was cut short.
     let b = recovered_build(Recovered {
+        finishing: false,
         killed: 3,
         log: log(true, None),
     });

@@ -196,10 +196,33 @@ fn a_restart_while_the_sdk_finishes_its_deploy_lets_it_finish() {
     }
     fs::remove_file(env.channel.join("latd.alive")).unwrap();
     // The new latd waits (up to its grace) for the SDK to finish rather than
-    // killing it mid-deploy.
+    // killing it mid-deploy, and answers meanwhile: the build is still
+    // running, finishing its deploy.
+    let started = std::time::Instant::now();
     let _d = env.daemon_with(&["--grace", "20"]);
     let s = env.status_json();
+    if s["build"]["outcome"] == "running" {
+        assert_eq!(s["state"], "building", "{s}");
+        assert!(
+            s["activity"]
+                .as_str()
+                .unwrap_or_default()
+                .contains("finishing its deploy"),
+            "{s}"
+        );
+    } else {
+        // Only if the SDK was already done (a slow machine).
+        assert_eq!(s["build"]["outcome"], "succeeded", "{s}");
+    }
+    wait_until(Duration::from_secs(25), "the adopted build to end", || {
+        env.status_json()["build"]["outcome"] != "running"
+    });
+    let s = env.status_json();
     assert_eq!(s["build"]["outcome"], "succeeded", "{s}");
+    assert!(
+        started.elapsed() < Duration::from_secs(20),
+        "it waited for the whole grace"
+    );
     let report = env.ws.join("deploy/standin-report.txt");
     assert!(report.exists(), "the deploy was cut short");
     let log = fs::read_to_string(env.ws.join("log/log.appsdk")).unwrap();
