@@ -1523,9 +1523,13 @@ impl Machine {
             BuildDoes::Refuse(why) => {
                 let (id, action) = request_of(event).unwrap_or_else(|| table_bug("refuse", event));
                 let hint = match (action.as_str(), old.kind()) {
-                    ("build", StateKind::Spawning | StateKind::Running | StateKind::Deploying) => {
-                        "; wait for it to end ('latc wait') or stop it ('latc stop')"
-                    }
+                    (
+                        "build",
+                        StateKind::Spawning
+                        | StateKind::Running
+                        | StateKind::Deploying
+                        | StateKind::Adopted,
+                    ) => "; wait for it to end ('latc wait') or stop it ('latc stop')",
                     _ => "; try again when it has ended ('latc status' shows progress)",
                 };
                 let mut reply = Reply::fail(&action, format!("{why}{hint}"));
@@ -1729,12 +1733,11 @@ impl Machine {
                 let Event::BuildExited { exit, .. } = event else {
                     table_bug("kill-leftovers", event)
                 };
+                // A build that ended by itself has no stop (cause None): it
+                // keeps the result its exit gives, whatever comes later.
                 let stop = match &old {
                     State::Finishing { stop, .. } | State::Terminating { stop, .. } => stop.clone(),
-                    _ => Stop {
-                        after_success: old.build().is_some_and(|b| b.success_logged),
-                        ..Stop::default()
-                    },
+                    _ => Stop::default(),
                 };
                 let build = self.take_build(old, fx);
                 self.kill(now, build.id, fx);

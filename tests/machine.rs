@@ -3317,6 +3317,43 @@ fn status_says_what_a_build_is_doing_in_words() {
 }
 
 #[test]
+fn a_refused_build_says_what_to_do_and_names_the_build_in_the_way() {
+    let hint = |mut r: Rig| {
+        let (id, fx) = r.ask(Request::Build(build_req("/w")));
+        let reply = reply_to(&fx, id);
+        (reply.fail_reason.unwrap(), reply.build_id)
+    };
+    for (name, rig) in [
+        ("building", building()),
+        ("deploying", deploying()),
+        ("adopted", adopted()),
+    ] {
+        let (why, id) = hint(rig);
+        assert!(
+            why.ends_with("; wait for it to end ('latc wait') or stop it ('latc stop')"),
+            "{name}: {why}"
+        );
+        assert!(id.is_some(), "{name}");
+    }
+    for (name, rig) in [("stopping", stopping()), ("cleaning", cleaning())] {
+        let (why, _) = hint(rig);
+        assert!(
+            why.ends_with("; try again when it has ended ('latc status' shows progress)"),
+            "{name}: {why}"
+        );
+    }
+    // A clean refused while a build runs gets the second hint too.
+    let mut r = building();
+    let (id, fx) = r.ask(Request::Clean {
+        workdir: "/w".into(),
+    });
+    assert!(reply_to(&fx, id)
+        .fail_reason
+        .unwrap()
+        .ends_with("('latc status' shows progress)"));
+}
+
+#[test]
 fn status_names_the_daemon_and_counts_its_uptime_in_whole_seconds() {
     let r = idle();
     let s = r.m.status(T0 + 12_345);
