@@ -3354,6 +3354,36 @@ fn a_refused_build_says_what_to_do_and_names_the_build_in_the_way() {
 }
 
 #[test]
+fn a_job_killed_for_overrunning_never_answers_for_the_next_one() {
+    let mut r = idle_yaml();
+    let first = r.yaml_job.unwrap();
+    r.go(getyaml_overdue);
+    assert_eq!(r.m.yaml_kind(), YamlKind::Idle);
+    r.go(getyaml);
+    let second = r.yaml_job.unwrap();
+    assert_ne!(first, second, "every job gets its own id");
+    // The killed job's late outcome is stale: the new one still runs.
+    let fx = r.step(Event::YamlDone {
+        job: first,
+        outcome: YamlOutcome::Exited {
+            exit: Exit::Signal(9),
+            yaml_made: false,
+        },
+    });
+    assert!(fx.is_empty(), "{fx:#?}");
+    assert_eq!(r.m.yaml_kind(), YamlKind::Running);
+    // Cleans too: each its own job, ids never reused.
+    let mut r = idle();
+    let mut jobs = BTreeSet::new();
+    for _ in 0..3 {
+        r.go(clean);
+        jobs.insert(r.clean_job.unwrap().0);
+        r.go(clean_ok);
+    }
+    assert_eq!(jobs.len(), 3);
+}
+
+#[test]
 fn status_names_the_daemon_and_counts_its_uptime_in_whole_seconds() {
     let r = idle();
     let s = r.m.status(T0 + 12_345);
