@@ -4,7 +4,7 @@
 //! clients can talk to the daemon at once.
 
 use crate::fsutil;
-use crate::machine::{BuildRecord, Outcome, Persisted};
+use crate::protocol::{BuildRecord, Outcome, Persisted};
 use crate::protocol::{self, Action, Reply, StatusDoc};
 use std::fs;
 use std::io;

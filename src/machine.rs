@@ -68,8 +68,7 @@
 #![deny(clippy::disallowed_methods, clippy::disallowed_types)]
 
 use crate::protocol::{Action, Reply, StatusDoc};
-pub use crate::protocol::{BuildKind, BuildRecord, Exit, Millis, Outcome, ProcessId};
-use serde::{Deserialize, Serialize};
+pub use crate::protocol::{BuildKind, BuildRecord, Exit, Millis, Outcome, Persisted, ProcessId};
 use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
 
@@ -160,17 +159,6 @@ pub struct Recovered {
     pub killed: usize,
     /// What its log shows, if it could be read.
     pub log: LogNews,
-}
-
-/// What survives a daemon restart.
-#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
-pub struct Persisted {
-    /// The next build id to hand out.
-    pub next_build_id: u64,
-    /// The running build, if any (its record says Running).
-    pub current: Option<BuildRecord>,
-    /// Finished builds, newest last.
-    pub history: Vec<BuildRecord>,
 }
 
 /// Signals the machine asks the driver to send to a build's process group.

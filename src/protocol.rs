@@ -333,6 +333,18 @@ pub enum BuildKind {
     Geninitramfs,
 }
 
+/// What survives a daemon restart: `latd.state.json` in the channel,
+/// which latc reads too when no latd answers.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct Persisted {
+    /// The next build id to hand out.
+    pub next_build_id: u64,
+    /// The running build, if any (its record says Running).
+    pub current: Option<BuildRecord>,
+    /// Finished builds, newest last.
+    pub history: Vec<BuildRecord>,
+}
+
 /// How a process ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]

@@ -8,7 +8,7 @@ use latd::client::{
     EXIT_UNREACHABLE, EXIT_USAGE,
 };
 use latd::clock::{human_duration, iso8601, wall_now};
-use latd::machine::{BuildKind, BuildRecord, Millis, Outcome};
+use latd::protocol::{BuildKind, BuildRecord, Millis, Outcome};
 use latd::protocol::{Action, Reply, ReplyResult, StatusDoc};
 use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
