@@ -4,8 +4,8 @@
 //! clients can talk to the daemon at once.
 
 use crate::fsutil;
-use crate::protocol::{BuildRecord, Outcome, Persisted};
 use crate::protocol::{self, Action, Reply, StatusDoc};
+use crate::protocol::{BuildRecord, Outcome, Persisted};
 use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};

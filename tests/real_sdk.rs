@@ -230,6 +230,50 @@ fn a_restart_while_the_sdk_finishes_its_deploy_lets_it_finish() {
 }
 
 #[test]
+fn an_adopted_sdk_still_deploying_at_the_grace_end_is_killed_and_recorded_interrupted() {
+    let env = TestEnv::new("orphan-overrun");
+    {
+        let mut d = env.daemon();
+        env.start_build("standin_duration: 0.5\nstandin_post_success: 60");
+        wait_until(Duration::from_secs(20), "the success line", || {
+            fs::read_to_string(env.ws.join("log/log.appsdk"))
+                .unwrap_or_default()
+                .contains("DEBUG: Deploy ovmf.qcow2")
+        });
+        d.kill9();
+    }
+    fs::remove_file(env.channel.join("latd.alive")).unwrap();
+    let _d = env.daemon_with(&["--grace", "2"]);
+    // Answered at once, while the SDK goes on.
+    let s = env.status_json();
+    assert_eq!(s["build"]["outcome"], "running", "{s}");
+    // A build asked for meanwhile is refused, as beside any build.
+    let o = env.latc(&[
+        "build",
+        "--file",
+        env.yaml("b.yaml", "standin_duration: 0").to_str().unwrap(),
+    ]);
+    assert!(!o.status.success());
+    assert!(
+        stderr(&o).contains("a build is already running"),
+        "{}",
+        stderr(&o)
+    );
+    wait_until(Duration::from_secs(20), "the adopted build to end", || {
+        env.status_json()["build"]["outcome"] != "running"
+    });
+    let s = env.status_json();
+    assert_eq!(s["build"]["outcome"], "failed", "{s}");
+    let why = s["build"]["fail_reason"].as_str().unwrap_or_default();
+    assert!(
+        why.contains("interrupted: latd was restarted while this build finished its deploy")
+            && why.contains("leftover processes were killed"),
+        "{why}"
+    );
+    env.assert_no_leftovers();
+}
+
+#[test]
 fn a_request_whose_client_gave_up_is_never_acted_on() {
     let env = TestEnv::new("expired");
     let d = env.daemon();

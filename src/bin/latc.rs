@@ -8,8 +8,8 @@ use latd::client::{
     EXIT_UNREACHABLE, EXIT_USAGE,
 };
 use latd::clock::{human_duration, iso8601, wall_now};
-use latd::protocol::{BuildKind, BuildRecord, Millis, Outcome};
 use latd::protocol::{Action, Reply, ReplyResult, StatusDoc};
+use latd::protocol::{BuildKind, BuildRecord, Millis, Outcome};
 use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
