@@ -1043,50 +1043,32 @@ mod tests {
     }
 
     fn read_only_directory_case(top: &Path) {
-        let tree = top.join("log");
-        let ro = tree.join("old");
-        fs::create_dir_all(&ro).unwrap();
-        let f = ro.join("build.log");
-        fs::write(&f, "x").unwrap();
-        fs::set_permissions(&ro, fs::Permissions::from_mode(0o555)).unwrap();
-        for mode in MODES {
-            let err = remove_tree_with(&tree, mode, None).unwrap_err();
-            assert_eq!(
-                err,
-                format!(
-                    "cannot remove {}: Permission denied (os error 13)",
-                    f.display()
-                ),
-                "{mode:?}"
-            );
-            assert!(f.exists());
-        }
-        fs::set_permissions(&ro, fs::Permissions::from_mode(0o755)).unwrap();
-        remove_tree(&tree).unwrap();
-
-        // A directory that may be read but not searched: it is listed (the
+        // A directory that may be read but not written (0555), and one
+        // that may be read but not searched (0444): each is listed (the
         // listing needs only read permission), and what fails is removing
         // the file in it, which is what the error names.
-        let tree = top.join("deploy");
-        let ro = tree.join("old");
-        fs::create_dir_all(&ro).unwrap();
-        let f = ro.join("image.iso");
-        fs::write(&f, "x").unwrap();
-        fs::set_permissions(&ro, fs::Permissions::from_mode(0o444)).unwrap();
-        for mode in MODES {
-            let err = remove_tree_with(&tree, mode, None).unwrap_err();
-            assert_eq!(
-                err,
-                format!(
-                    "cannot remove {}: Permission denied (os error 13)",
-                    f.display()
-                ),
-                "{mode:?}"
-            );
+        for (tree, name, mode) in [("log", "build.log", 0o555), ("deploy", "image.iso", 0o444)] {
+            let tree = top.join(tree);
+            let ro = tree.join("old");
+            fs::create_dir_all(&ro).unwrap();
+            let f = ro.join(name);
+            fs::write(&f, "x").unwrap();
+            fs::set_permissions(&ro, fs::Permissions::from_mode(mode)).unwrap();
+            for resolve in MODES {
+                let err = remove_tree_with(&tree, resolve, None).unwrap_err();
+                assert_eq!(
+                    err,
+                    format!(
+                        "cannot remove {}: Permission denied (os error 13)",
+                        f.display()
+                    ),
+                    "{resolve:?}, mode {mode:o}"
+                );
+            }
+            fs::set_permissions(&ro, fs::Permissions::from_mode(0o755)).unwrap();
+            assert!(f.exists());
+            remove_tree(&tree).unwrap();
         }
-        fs::set_permissions(&ro, fs::Permissions::from_mode(0o755)).unwrap();
-        assert!(f.exists());
-        remove_tree(&tree).unwrap();
     }
 
     /// Another thread keeps swapping directories of the tree for symlinks to

@@ -181,20 +181,29 @@ fn a_build_that_finished_while_latd_was_down_is_recorded_with_its_result() {
     assert_eq!(s["build_status"], "succeed", "{s}");
 }
 
+/// A build whose SDK goes on for `post_success` seconds after its success
+/// line, and latd SIGKILLed just after that line (its heartbeat file
+/// removed, as a new container would not have it).
+fn latd_killed_after_the_success_line(tag: &str, post_success: u32) -> TestEnv {
+    let env = TestEnv::new(tag);
+    let mut d = env.daemon();
+    env.start_build(&format!(
+        "standin_duration: 0.5\nstandin_post_success: {post_success}"
+    ));
+    wait_until(Duration::from_secs(20), "the success line", || {
+        fs::read_to_string(env.ws.join("log/log.appsdk"))
+            .unwrap_or_default()
+            .contains("DEBUG: Deploy ovmf.qcow2")
+    });
+    d.kill9();
+    drop(d);
+    fs::remove_file(env.channel.join("latd.alive")).unwrap();
+    env
+}
+
 #[test]
 fn a_restart_while_the_sdk_finishes_its_deploy_lets_it_finish() {
-    let env = TestEnv::new("orphan-finishing");
-    {
-        let mut d = env.daemon();
-        env.start_build("standin_duration: 0.5\nstandin_post_success: 3");
-        wait_until(Duration::from_secs(20), "the success line", || {
-            fs::read_to_string(env.ws.join("log/log.appsdk"))
-                .unwrap_or_default()
-                .contains("DEBUG: Deploy ovmf.qcow2")
-        });
-        d.kill9();
-    }
-    fs::remove_file(env.channel.join("latd.alive")).unwrap();
+    let env = latd_killed_after_the_success_line("orphan-finishing", 3);
     // The new latd waits (up to its grace) for the SDK to finish rather than
     // killing it mid-deploy, and answers meanwhile: the build is still
     // running, finishing its deploy.
@@ -231,18 +240,7 @@ fn a_restart_while_the_sdk_finishes_its_deploy_lets_it_finish() {
 
 #[test]
 fn an_adopted_sdk_still_deploying_at_the_grace_end_is_killed_and_recorded_interrupted() {
-    let env = TestEnv::new("orphan-overrun");
-    {
-        let mut d = env.daemon();
-        env.start_build("standin_duration: 0.5\nstandin_post_success: 60");
-        wait_until(Duration::from_secs(20), "the success line", || {
-            fs::read_to_string(env.ws.join("log/log.appsdk"))
-                .unwrap_or_default()
-                .contains("DEBUG: Deploy ovmf.qcow2")
-        });
-        d.kill9();
-    }
-    fs::remove_file(env.channel.join("latd.alive")).unwrap();
+    let env = latd_killed_after_the_success_line("orphan-overrun", 60);
     let _d = env.daemon_with(&["--grace", "2"]);
     // Answered at once, while the SDK goes on.
     let s = env.status_json();
