@@ -199,6 +199,14 @@ impl World for Sim {
                 self.note("exit".into());
                 None
             }
+            Effect::ClearAdopted { build } => {
+                self.note(format!("clear {}", build.id));
+                Some(Event::AdoptedGone {
+                    build_id: build.id,
+                    killed: 0,
+                    log: LogNews::default(),
+                })
+            }
             other => panic!("not simulated: {other:?}"),
         }
     }
@@ -389,5 +397,73 @@ fn a_build_sigkill_cannot_end_is_given_up_after_the_kill_wait() {
         sim.passes < 400,
         "the loop sleeps between timers rather than spinning: {} passes",
         sim.passes
+    );
+}
+
+#[test]
+fn effects_made_at_start_are_performed_in_order_and_their_outcomes_fed_back() {
+    // A build the last latd left finishing is adopted; what the start-up
+    // asks (here: clear it) is performed and its outcome reaches the
+    // machine, which records the build.
+    let record = BuildRecord {
+        id: 7,
+        workdir: "/w".into(),
+        yaml_file: "/w/lat.yaml".into(),
+        kind: BuildKind::Genimage,
+        log_file: "/w/log/log.appsdk".into(),
+        started_at: T0 - 60_000,
+        ended_at: None,
+        outcome: Outcome::Running,
+        exit_code: None,
+        signal: None,
+        fail_reason: None,
+        process: None,
+        sdk_log: None,
+        success_logged: true,
+        error_line: None,
+        mounts_before: None,
+        mounts_ns: None,
+    };
+    let mut m = Machine::new(
+        Config {
+            grace_ms: GRACE,
+            status_file: PathBuf::from("/chan/status.lat"),
+            history_cap: 5,
+            pid: 1,
+            version: "test".into(),
+            started_at: T0,
+        },
+        Persisted {
+            next_build_id: 8,
+            current: Some(record.clone()),
+            history: Vec::new(),
+        },
+        T0,
+        Recovered {
+            finishing: true,
+            killed: 0,
+            log: LogNews::default(),
+        },
+    );
+    assert_eq!(m.state().kind(), StateKind::Adopted);
+    let mut sim = Sim::new(Build {
+        runs_for: 1,
+        term_takes: None,
+        kills_needed: 1,
+    });
+    let first = vec![
+        Effect::Persist(m.persisted()),
+        Effect::ClearAdopted { build: record },
+    ];
+    driver::perform_all(&mut m, &mut sim, first);
+    assert_eq!(sim.log, vec![(0, "clear 7".to_string())]);
+    assert_eq!(
+        m.state().kind(),
+        StateKind::Idle,
+        "the outcome was fed back"
+    );
+    assert_eq!(
+        m.history().last().map(|b| (b.id, b.outcome)),
+        Some((7, Outcome::Succeeded))
     );
 }

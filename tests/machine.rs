@@ -3086,7 +3086,11 @@ fn an_adopted_build_that_finishes_succeeds_and_answers_the_stops_that_waited() {
         .starts_with("started by the latd before this one, the SDK logged its success line"));
     let (stop, fx) = r.ask(Request::Stop);
     assert!(fx.is_empty(), "the stop waits: {fx:?}");
-    assert_eq!(r.m.timer(Timer::Grace), Some(T0 + GRACE), "the state keeps its timer");
+    assert_eq!(
+        r.m.timer(Timer::Grace),
+        Some(T0 + GRACE),
+        "the state keeps its timer"
+    );
     let (_, fx) = r.ask(Request::Build(build_req("/w")));
     check(&fx, &[fail("build", RUNNING)], Some(7), "build");
     r.now += 3_000;
