@@ -237,9 +237,9 @@ impl World for Sim {
     }
 }
 
-/// Runs the loop in `sim` until the machine has exited.
-fn run(mut sim: Sim) -> Sim {
-    let mut m = Machine::new(
+/// A machine started at T0 from `persisted`, having found `found`.
+fn machine(persisted: Persisted, found: Recovered) -> Machine {
+    Machine::new(
         Config {
             grace_ms: GRACE,
             status_file: PathBuf::from("/chan/status.lat"),
@@ -248,10 +248,15 @@ fn run(mut sim: Sim) -> Sim {
             version: "test".into(),
             started_at: T0,
         },
-        Persisted::default(),
+        persisted,
         T0,
-        Recovered::default(),
-    );
+        found,
+    )
+}
+
+/// Runs the loop in `sim` until the machine has exited.
+fn run(mut sim: Sim) -> Sim {
+    let mut m = machine(Persisted::default(), Recovered::default());
     // As the daemon does: the loop, until the machine has exited. The
     // timers the machine armed are recorded as it reports them due.
     struct Recording<'a>(&'a mut Sim);
@@ -424,21 +429,12 @@ fn effects_made_at_start_are_performed_in_order_and_their_outcomes_fed_back() {
         mounts_before: None,
         mounts_ns: None,
     };
-    let mut m = Machine::new(
-        Config {
-            grace_ms: GRACE,
-            status_file: PathBuf::from("/chan/status.lat"),
-            history_cap: 5,
-            pid: 1,
-            version: "test".into(),
-            started_at: T0,
-        },
+    let mut m = machine(
         Persisted {
             next_build_id: 8,
             current: Some(record.clone()),
             history: Vec::new(),
         },
-        T0,
         Recovered {
             finishing: true,
             killed: 0,
