@@ -1211,11 +1211,6 @@ impl Machine {
         self.timers.get(t)
     }
 
-    /// When the machine next needs an [`Event::Timeout`], if ever.
-    pub fn poll_timeout(&self) -> Option<Millis> {
-        self.next_timer().map(|(at, _)| at)
-    }
-
     /// The timers due at `now`, to be fed as [`Event::Timeout`].
     pub fn due_timers(&self, now: Millis) -> Vec<Timer> {
         Timer::ALL

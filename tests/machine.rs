@@ -1105,11 +1105,11 @@ fn stop_grace_expiry_kills_only_after_the_deadline() {
     let stop_at = r.now;
     r.go(stop);
     let deadline = stop_at + GRACE;
-    assert_eq!(r.m.poll_timeout(), Some(deadline));
+    assert_eq!(r.m.next_timer().map(|(at, _)| at), Some(deadline));
 
     r.now = deadline - 1;
     assert!(r.go(tick).is_empty(), "no kill before the deadline");
-    assert_eq!(r.m.poll_timeout(), Some(deadline));
+    assert_eq!(r.m.next_timer().map(|(at, _)| at), Some(deadline));
 
     r.now = deadline;
     assert_eq!(signals(&r.go(tick)), vec![(1, Sig::Kill)]);
@@ -1119,7 +1119,7 @@ fn stop_grace_expiry_kills_only_after_the_deadline() {
         "then a wait for the kill to work"
     );
     assert_eq!(
-        r.m.poll_timeout(),
+        r.m.next_timer().map(|(at, _)| at),
         Some(deadline + KILL_REPEAT_MS),
         "and SIGKILL again soon, for what it missed"
     );
@@ -1128,7 +1128,7 @@ fn stop_grace_expiry_kills_only_after_the_deadline() {
     r.now = deadline + KILL_REPEAT_MS;
     assert_eq!(signals(&r.go(tick)), vec![(1, Sig::Kill)], "again");
     assert_eq!(
-        r.m.poll_timeout(),
+        r.m.next_timer().map(|(at, _)| at),
         Some(deadline + 2 * KILL_REPEAT_MS),
         "and again while the build lasts"
     );
@@ -1748,11 +1748,19 @@ fn stale_events_change_nothing() {
     ] {
         for ev in &stale_events {
             let mut r = given();
-            let before = (r.m.state().clone(), r.m.persisted(), r.m.poll_timeout());
+            let before = (
+                r.m.state().clone(),
+                r.m.persisted(),
+                r.m.next_timer().map(|(at, _)| at),
+            );
             let fx = r.step(ev.clone());
             assert!(fx.is_empty(), "{ev:?} in {:?}: {fx:#?}", before.0);
             assert_eq!(
-                (r.m.state().clone(), r.m.persisted(), r.m.poll_timeout()),
+                (
+                    r.m.state().clone(),
+                    r.m.persisted(),
+                    r.m.next_timer().map(|(at, _)| at)
+                ),
                 before,
                 "{ev:?}"
             );
@@ -2189,14 +2197,14 @@ impl World {
         let before = (
             self.m.state().clone(),
             self.m.persisted(),
-            self.m.poll_timeout(),
+            self.m.next_timer().map(|(at, _)| at),
         );
         let fx = self.m.step(self.now, ev.clone());
         assert!(fx.is_empty(), "stale {ev:?} did {fx:#?}");
         let after = (
             self.m.state().clone(),
             self.m.persisted(),
-            self.m.poll_timeout(),
+            self.m.next_timer().map(|(at, _)| at),
         );
         assert_eq!(after, before, "stale {ev:?} changed the machine");
     }
@@ -2458,7 +2466,7 @@ impl World {
         }
         assert_eq!(self.m.has_exited(), self.exited, "{ctx}");
 
-        // The deadline: set when the stop begins, announced by poll_timeout
+        // The deadline: set when the stop begins, announced by next_timer
         // until the kill is sent.
         // (A build whose leader ended by itself gets SIGKILL at once and no
         // grace deadline: it is only waited for.)
@@ -2841,7 +2849,10 @@ fn a_getyaml_that_overruns_is_killed_and_answered() {
         [Effect::StartGetYaml { job, .. }] => *job,
         other => panic!("{other:#?}"),
     };
-    assert_eq!(r.m.poll_timeout(), Some(r.now + GETYAML_TIMEOUT_MS));
+    assert_eq!(
+        r.m.next_timer().map(|(at, _)| at),
+        Some(r.now + GETYAML_TIMEOUT_MS)
+    );
     r.now += GETYAML_TIMEOUT_MS - 1;
     assert!(r.go(tick).is_empty(), "not before its time");
     r.now += 1;
@@ -2850,7 +2861,7 @@ fn a_getyaml_that_overruns_is_killed_and_answered() {
     let rep = reply_to(&fx, id);
     assert_eq!(rep.result, ReplyResult::Fail);
     assert!(rep.fail_reason.unwrap().contains("did not finish"));
-    assert_eq!(r.m.poll_timeout(), None);
+    assert_eq!(r.m.next_timer().map(|(at, _)| at), None);
     // Its late outcome is stale; a clean may run now.
     assert!(r
         .step(Event::YamlDone {
